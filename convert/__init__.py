@@ -1,0 +1,1 @@
+"""Official gpt-oss checkpoints <-> gptoss-jax: the name table, readers, writers, conversion."""

@@ -1,0 +1,266 @@
+"""The one checkpoint name table: our parameter paths <-> transformers names <-> original/ names.
+
+Both official layouts store torch ``Linear`` weights ``[out, in]`` and the experts' packed MXFP4
+``[E, out, in/32, 16]`` + ``[E, out, in/32]``; they differ in names and in ``original/`` fusing
+q/k/v into one ``qkv`` tensor (rows q, then k, then v). Our parameters are einsum-shaped
+(``q_kernel`` [H, nq, D], ``o_kernel`` [nq, D, H], ``router_kernel`` [H, E]); the transform column
+says how a checkpoint tensor becomes ours and back. Everything that reads or writes a checkpoint
+(loader, converter, exporter, synthetic writer) goes through :func:`plan` and :func:`layout_tensors`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from gptoss_jax.config import GptOssConfig
+
+TRANSFORMERS = "transformers"
+ORIGINAL = "original"
+LAYOUTS = (TRANSFORMERS, ORIGINAL)
+
+# Transforms (checkpoint tensor -> our parameter):
+#   copy        same array
+#   heads_in    [n*D, H] -> [H, n, D]   (q/k/v projection weights)
+#   heads_bias  [n*D]    -> [n, D]
+#   heads_out   [H, n*D] -> [n, D, H]   (output projection)
+#   transpose   [E, H]   -> [H, E]      (router)
+# An original/ name ending in ':q', ':k' or ':v' is that row range of the fused qkv tensor.
+# Layer rows (``{i}`` is the layer):
+LAYER_TABLE: tuple[tuple[str, str, str, str], ...] = (
+    # ours (layers.{i}.)     transformers (model.layers.{i}.)      original (block.{i}.)       transform
+    ("attn_norm.scale",      "input_layernorm.weight",             "attn.norm.scale",          "copy"),
+    ("attn.q_kernel",        "self_attn.q_proj.weight",            "attn.qkv.weight:q",        "heads_in"),
+    ("attn.q_bias",          "self_attn.q_proj.bias",              "attn.qkv.bias:q",          "heads_bias"),
+    ("attn.k_kernel",        "self_attn.k_proj.weight",            "attn.qkv.weight:k",        "heads_in"),
+    ("attn.k_bias",          "self_attn.k_proj.bias",              "attn.qkv.bias:k",          "heads_bias"),
+    ("attn.v_kernel",        "self_attn.v_proj.weight",            "attn.qkv.weight:v",        "heads_in"),
+    ("attn.v_bias",          "self_attn.v_proj.bias",              "attn.qkv.bias:v",          "heads_bias"),
+    ("attn.o_kernel",        "self_attn.o_proj.weight",            "attn.out.weight",          "heads_out"),
+    ("attn.o_bias",          "self_attn.o_proj.bias",              "attn.out.bias",            "copy"),
+    ("attn.sinks",           "self_attn.sinks",                    "attn.sinks",               "copy"),
+    ("mlp_norm.scale",       "post_attention_layernorm.weight",    "mlp.norm.scale",           "copy"),
+    ("mlp.router_kernel",    "mlp.router.weight",                  "mlp.gate.weight",          "transpose"),
+    ("mlp.router_bias",      "mlp.router.bias",                    "mlp.gate.bias",            "copy"),
+    ("mlp.gate_up_blocks",   "mlp.experts.gate_up_proj_blocks",    "mlp.mlp1_weight.blocks",   "copy"),
+    ("mlp.gate_up_scales",   "mlp.experts.gate_up_proj_scales",    "mlp.mlp1_weight.scales",   "copy"),
+    ("mlp.gate_up_bias",     "mlp.experts.gate_up_proj_bias",      "mlp.mlp1_bias",            "copy"),
+    ("mlp.down_blocks",      "mlp.experts.down_proj_blocks",       "mlp.mlp2_weight.blocks",   "copy"),
+    ("mlp.down_scales",      "mlp.experts.down_proj_scales",       "mlp.mlp2_weight.scales",   "copy"),
+    ("mlp.down_bias",        "mlp.experts.down_proj_bias",         "mlp.mlp2_bias",            "copy"),
+)
+GLOBAL_TABLE: tuple[tuple[str, str, str, str], ...] = (
+    ("embedding",            "model.embed_tokens.weight",          "embedding.weight",         "copy"),
+    ("norm.scale",           "model.norm.weight",                  "norm.scale",               "copy"),
+    ("unembedding",          "lm_head.weight",                     "unembedding.weight",       "copy"),
+)
+# transformers' dense (dequantized, e.g. community bf16) checkpoints store ``...experts.gate_up_proj``
+# and ``...experts.down_proj`` (the *_blocks names without the suffix) in ``x @ W`` orientation,
+# [E, in, out], which is exactly our dense kernels.
+_HF_LAYER_PREFIX, _ORIG_LAYER_PREFIX = "model.layers.{i}.", "block.{i}."
+PACKED_PARTS = ("blocks", "scales")
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match what the config and the name table require."""
+
+
+def our_shapes(cfg: GptOssConfig, experts: str = "mxfp4") -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter, keyed by our dotted path (same as ``GptOss``'s nnx state)."""
+    h, i, e, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.head_dim
+    nq, nkv = cfg.num_heads, cfg.num_kv_heads
+    layer = {
+        "attn_norm.scale": (h,), "mlp_norm.scale": (h,),
+        "attn.q_kernel": (h, nq, d), "attn.q_bias": (nq, d),
+        "attn.k_kernel": (h, nkv, d), "attn.k_bias": (nkv, d),
+        "attn.v_kernel": (h, nkv, d), "attn.v_bias": (nkv, d),
+        "attn.o_kernel": (nq, d, h), "attn.o_bias": (h,), "attn.sinks": (nq,),
+        "mlp.router_kernel": (h, e), "mlp.router_bias": (e,),
+        "mlp.gate_up_bias": (e, 2 * i), "mlp.down_bias": (e, h),
+    }
+    if experts == "mxfp4":
+        layer.update({
+            "mlp.gate_up_blocks": (e, 2 * i, h // 32, 16), "mlp.gate_up_scales": (e, 2 * i, h // 32),
+            "mlp.down_blocks": (e, h, i // 32, 16), "mlp.down_scales": (e, h, i // 32),
+        })
+    else:
+        layer.update({"mlp.gate_up_kernel": (e, h, 2 * i), "mlp.down_kernel": (e, i, h)})
+    out = {"embedding": (cfg.vocab_size, h), "norm.scale": (h,), "unembedding": (cfg.vocab_size, h)}
+    for n in range(cfg.num_layers):
+        out.update({f"layers.{n}.{k}": v for k, v in layer.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ transforms
+def to_ours(kind: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if kind == "copy":
+        return a
+    if kind in ("heads_in", "heads_out", "transpose"):
+        return np.ascontiguousarray(a.T).reshape(shape)
+    if kind == "heads_bias":
+        return a.reshape(shape)
+    raise ValueError(kind)
+
+
+def to_checkpoint(kind: str, a: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_ours` (our parameter -> checkpoint tensor)."""
+    if kind == "copy":
+        return a
+    if kind == "heads_in":  # [H, n, D] -> [n*D, H]
+        return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
+    if kind == "heads_out":  # [n, D, H] -> [H, n*D]
+        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+    if kind == "transpose":
+        return np.ascontiguousarray(a.T)
+    if kind == "heads_bias":
+        return a.reshape(-1)
+    raise ValueError(kind)
+
+
+def checkpoint_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == "copy":
+        return tuple(shape)
+    if kind == "heads_in":
+        return (int(np.prod(shape[1:])), shape[0])
+    if kind == "heads_out":
+        return (shape[-1], int(np.prod(shape[:-1])))
+    if kind == "transpose":
+        return tuple(reversed(shape))
+    if kind == "heads_bias":
+        return (int(np.prod(shape)),)
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------------------------- the plan
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One parameter: its path, the checkpoint tensors it is made from, and how."""
+
+    ours: str
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]
+    build: Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A checkpoint tensor the layout requires: name, shape, allowed safetensors dtypes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtypes: tuple[str, ...]
+
+
+def rows(cfg: GptOssConfig):
+    """Every (ours, transformers, original, transform) row, with the layer index filled in."""
+    for ours, hf, orig, kind in GLOBAL_TABLE:
+        yield ours, hf, orig, kind
+    for n in range(cfg.num_layers):
+        for ours, hf, orig, kind in LAYER_TABLE:
+            yield (f"layers.{n}.{ours}", _HF_LAYER_PREFIX.format(i=n) + hf,
+                   _ORIG_LAYER_PREFIX.format(i=n) + orig, kind)
+
+
+def _qkv_rows(cfg: GptOssConfig, part: str) -> slice:
+    q, kv = cfg.q_size, cfg.kv_size
+    return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[part]
+
+
+def _is_packed(name: str) -> bool:
+    return name.endswith(("_blocks", "_scales", ".blocks", ".scales"))
+
+
+def layout_tensors(cfg: GptOssConfig, layout: str, experts: str = "mxfp4") -> list[TensorSpec]:
+    """Every tensor a checkpoint of ``layout`` holds for ``cfg``, in table order.
+
+    ``experts``: 'mxfp4' (official, packed) or 'dense' (transformers layout only: bf16 experts).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout == ORIGINAL and experts != "mxfp4":
+        raise ValueError("the original/ layout always stores experts as MXFP4")
+    shapes = our_shapes(cfg, "mxfp4")
+    dense_shapes = our_shapes(cfg, "dense")
+    out: list[TensorSpec] = []
+    seen: set[str] = set()
+    for ours, hf, orig, kind in rows(cfg):
+        packed = _is_packed(ours)
+        if layout == TRANSFORMERS:
+            if packed and experts == "dense":
+                if ours.endswith("_blocks"):
+                    base = ours.rsplit("_", 1)[0]  # layers.N.mlp.gate_up
+                    prefix = hf.rsplit(".", 1)[0]
+                    proj = "gate_up_proj" if base.endswith("gate_up") else "down_proj"
+                    out.append(TensorSpec(f"{prefix}.{proj}", dense_shapes[base + "_kernel"], FLOAT_DTYPES))
+                continue
+            out.append(TensorSpec(hf, checkpoint_shape(kind, shapes[ours]), ("U8",) if packed else FLOAT_DTYPES))
+        else:
+            name, _, part = orig.partition(":")
+            if name in seen:
+                continue
+            seen.add(name)
+            if part:  # fused qkv: rows q, k, v
+                tail = (cfg.hidden_size,) if name.endswith("weight") else ()
+                out.append(TensorSpec(name, (cfg.q_size + 2 * cfg.kv_size, *tail), FLOAT_DTYPES))
+            else:
+                out.append(TensorSpec(name, checkpoint_shape(kind, shapes[ours]), ("U8",) if packed else FLOAT_DTYPES))
+    return out
+
+
+def plan(cfg: GptOssConfig, layout: str, source_experts: str = "mxfp4", experts: str = "mxfp4") -> list[Item]:
+    """How to build every parameter of a model with ``experts`` format from a ``layout`` checkpoint
+    whose experts are stored as ``source_experts``. Covers each parameter exactly once."""
+    from gptoss_jax import mxfp4  # local: keeps this table importable without JAX initialisation
+
+    shapes = our_shapes(cfg, experts)
+    items: list[Item] = []
+    for ours, hf, orig, kind in rows(cfg):
+        is_expert_weight = any(ours.endswith(f"{p}_{q}") for p in ("gate_up", "down") for q in PACKED_PARTS)
+        if is_expert_weight:
+            if not ours.endswith("_blocks"):
+                continue  # the *_scales row is handled together with *_blocks
+            base = ours[: -len("_blocks")]
+            src_blocks = hf if layout == TRANSFORMERS else orig
+            src_scales = src_blocks.replace("_blocks", "_scales").replace(".blocks", ".scales")
+            dense_src = hf.replace("_blocks", "") if layout == TRANSFORMERS else None
+            items.extend(_expert_items(cfg, base, shapes, experts, source_experts, src_blocks, src_scales, dense_src, mxfp4))
+            continue
+        shape = shapes[ours]
+        if layout == TRANSFORMERS:
+            items.append(Item(ours, shape, (hf,), lambda a, k=kind, s=shape: to_ours(k, a[0], s)))
+        else:
+            name, _, part = orig.partition(":")
+            if part:
+                sl = _qkv_rows(cfg, part)
+                items.append(Item(ours, shape, (name,), lambda a, k=kind, s=shape, r=sl: to_ours(k, a[0][r], s)))
+            else:
+                items.append(Item(ours, shape, (name,), lambda a, k=kind, s=shape: to_ours(k, a[0], s)))
+    return items
+
+
+def _expert_items(cfg, base, shapes, experts, source_experts, src_blocks, src_scales, dense_src, mxfp4):
+    """Items for one expert weight (``base`` = layers.N.mlp.gate_up | down) across formats."""
+    if source_experts == "mxfp4" and experts == "mxfp4":
+        return [Item(base + "_blocks", shapes[base + "_blocks"], (src_blocks,), lambda a: a[0]),
+                Item(base + "_scales", shapes[base + "_scales"], (src_scales,), lambda a: a[0])]
+    if source_experts == "mxfp4":  # dequantize: [E, out, in] -> our dense [E, in, out] (exact)
+        return [Item(base + "_kernel", shapes[base + "_kernel"], (src_blocks, src_scales),
+                     lambda a: np.ascontiguousarray(np.swapaxes(mxfp4.unpack_np(a[0], a[1]), 1, 2)))]
+    if experts == "dense":
+        return [Item(base + "_kernel", shapes[base + "_kernel"], (dense_src,), lambda a: a[0])]
+    # dense checkpoint -> packed model: quantize [E, in, out] along `in` (lossy; warned by the loader)
+
+    def quant(a, part):
+        b, s = mxfp4.quantize(np.swapaxes(np.asarray(a[0], np.float32), 1, 2), xp=np)
+        return b if part == "blocks" else s
+
+    return [Item(base + "_blocks", shapes[base + "_blocks"], (dense_src,), lambda a: quant(a, "blocks")),
+            Item(base + "_scales", shapes[base + "_scales"], (dense_src,), lambda a: quant(a, "scales"))]
+
+
+def export_items(cfg: GptOssConfig) -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:
+    """(our path, transformers name, ours->checkpoint function) for writing the transformers layout
+    from a model with packed experts."""
+    return [(ours, hf, lambda a, k=kind: to_checkpoint(k, a)) for ours, hf, _orig, kind in rows(cfg)]

@@ -1,0 +1,93 @@
+"""Grouped-query attention with learned sinks, biases, YaRN RoPE and an optional sliding window.
+
+Query head ``h`` uses KV head ``h // (num_heads / num_kv_heads)``. Each head has one learned sink
+logit that joins the softmax denominator only: ``p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))``.
+Key ``j`` is visible to query ``i`` iff ``k_pos[j] >= 0``, ``k_pos[j] <= q_pos[i]`` and, for a window
+``w > 0``, ``k_pos[j] > q_pos[i] - w`` (the window counts the query's own position).
+Positions < 0 mark padding or empty cache slots.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.layers.common import dense, param, precision_for
+from gptoss_jax.layers.kv_cache import LayerCache, update_cache
+from gptoss_jax.layers.rope import apply_rope
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
+    """[B, Tq, Tk] bool: which keys each query may see (causal, valid, inside the window)."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k >= 0) & (q >= 0) & (k <= q)
+    if window > 0:
+        mask &= k > q - window
+    return mask
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos: jax.Array,
+              k_pos: jax.Array, window: int) -> jax.Array:
+    """Softmax attention with sinks. q [B,Tq,nq,D], k/v [B,Tk,nkv,D], sinks [nq] -> [B,Tq,nq,D].
+
+    Scores, sinks and softmax are float32; the weighted sum of values accumulates in float32.
+    """
+    b, tq, nq, d = q.shape
+    nkv = k.shape[2]
+    g = nq // nkv
+    prec = precision_for(q.dtype)
+    qg = q.reshape(b, tq, nkv, g, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(1.0 / math.sqrt(d))
+    mask = attention_mask(q_pos, k_pos, window)[:, None, None, :, :]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nkv, g, 1, 1), (b, nkv, g, tq, 1))
+    probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, precision=prec,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, tq, nq, d).astype(q.dtype)
+
+
+class Attention(nnx.Module):
+    """q/k/v/o projections with biases and per-head sinks for one layer.
+
+    Parameters: ``q_kernel`` [H, nq, D], ``k_kernel``/``v_kernel`` [H, nkv, D], their biases,
+    ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq].
+    """
+
+    def __init__(self, cfg: GptOssConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.window = cfg.window(layer)
+        h, nq, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def normal(shape, axes, std=0.02):
+            return param((std * jax.random.normal(rngs.params(), shape)).astype(dtype), axes)
+
+        self.q_kernel = normal((h, nq, d), ("embed", "heads", "head_dim"))
+        self.q_bias = normal((nq, d), ("heads", "head_dim"))
+        self.k_kernel = normal((h, nkv, d), ("embed", "kv_heads", "head_dim"))
+        self.k_bias = normal((nkv, d), ("kv_heads", "head_dim"))
+        self.v_kernel = normal((h, nkv, d), ("embed", "kv_heads", "head_dim"))
+        self.v_bias = normal((nkv, d), ("kv_heads", "head_dim"))
+        self.o_kernel = normal((nq, d, h), ("heads", "head_dim", "embed"))
+        self.o_bias = normal((h,), ("embed",))
+        self.sinks = normal((nq,), ("heads",), std=1.0)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, H], cos/sin [B, T, D/2], positions [B, T] -> ([B, T, H], updated cache)."""
+        q = apply_rope(dense(x, self.q_kernel[...], "bth,hnd->btnd", self.q_bias[...]), cos, sin)
+        k = apply_rope(dense(x, self.k_kernel[...], "bth,hnd->btnd", self.k_bias[...]), cos, sin)
+        v = dense(x, self.v_kernel[...], "bth,hnd->btnd", self.v_bias[...])
+        if cache is None:
+            keys, values, k_pos = k, v, positions
+        else:  # attend to what the cache held before this chunk, plus the chunk itself
+            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            k_pos = jnp.concatenate([cache.pos, positions], axis=1)
+            cache = update_cache(cache, k, v, positions)
+        out = attention(q, keys, values, self.sinks[...], positions, k_pos, self.window)
+        return dense(out, self.o_kernel[...], "btnd,ndh->bth", self.o_bias[...]), cache

@@ -1,0 +1,153 @@
+"""Mixture of experts: top-k router and clamped SwiGLU experts, computing only selected experts.
+
+Router: logits = x W + b; take the top-k logits, softmax over those k only.
+Experts: ``gate_up`` output is interleaved (even columns gate, odd columns up); the gate is clamped
+from above at ``limit``, up to [-limit, limit]; ``out = gate * sigmoid(alpha * gate) * (up + 1)``;
+then ``down``; per-expert biases on both. Outputs are summed with the router weights.
+
+Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*_scales`` u8
+[E, out, in/32], the checkpoint's own layout) decoded inside the computation, or dense ``*_kernel``
+[E, in, out]. Two execution paths, picked by static shapes:
+- gather (few tokens, e.g. decode): fetch only the k selected experts of each token;
+- grouped (many tokens): sort assignments by expert and run ``jax.lax.ragged_dot``.
+Neither computes an expert for a token that did not select it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss_jax import mxfp4
+from gptoss_jax.config import GptOssConfig
+from gptoss_jax.layers.common import dense, param, precision_for
+
+PACKED = "mxfp4"
+DENSE = "dense"
+EXPERT_FORMATS = (PACKED, DENSE)
+
+
+def router(x: jax.Array, kernel: jax.Array, bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """x [N, H] -> (weights [N, k] in x's dtype, expert ids [N, k] int32), top-k then softmax."""
+    logits = dense(x, kernel, "nh,he->ne", bias)
+    top, idx = jax.lax.top_k(logits, k)
+    weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1).astype(x.dtype)
+    return weights, idx.astype(jnp.int32)
+
+
+def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
+    """Clamped SwiGLU on interleaved [..., 2I] -> [..., I] (float32 math, x's dtype out)."""
+    h = gate_up.astype(jnp.float32)
+    gate = jnp.minimum(h[..., 0::2], limit)
+    up = jnp.clip(h[..., 1::2], -limit, limit)
+    return (gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)).astype(gate_up.dtype)
+
+
+def _expert_weight(experts: dict, name: str, ids: jax.Array | None, dtype) -> jax.Array:
+    """Weights of ``name`` ('gate_up' | 'down') for expert ``ids`` (all when None), as [.., out, in]."""
+    if f"{name}_blocks" in experts:
+        blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
+        if ids is not None:
+            blocks, scales = blocks[ids], scales[ids]
+        return mxfp4.unpack(blocks, scales, dtype)
+    w = experts[f"{name}_kernel"]
+    w = w if ids is None else w[ids]
+    return jnp.swapaxes(w, -1, -2).astype(dtype)
+
+
+def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array) -> jax.Array:
+    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ bias)."""
+    w = _expert_weight(experts, name, ids, x.dtype)  # [M, out, in]
+    y = jnp.einsum("mi,moi->mo", x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
+    return (y + experts[f"{name}_bias"][ids].astype(jnp.float32)).astype(x.dtype)
+
+
+def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
+                     group_sizes: jax.Array) -> jax.Array:
+    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ bias), via ragged_dot."""
+    w = _expert_weight(experts, name, None, x.dtype)  # [E, out, in]
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+    y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, precision=precision_for(x.dtype),
+                                   preferred_element_type=jnp.float32)
+    return (y + experts[f"{name}_bias"][sorted_ids].astype(jnp.float32)).astype(x.dtype)
+
+
+def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
+                    alpha: float, limit: float, path: str | None = None) -> jax.Array:
+    """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x) [N, H].
+
+    ``path``: 'gather' or 'grouped' (default: gather when N*k <= num_experts).
+    """
+    n, k = ids.shape
+    if path is None:
+        path = "gather" if n * k <= num_experts else "grouped"
+    flat = ids.reshape(-1)
+    if path == "gather":
+        xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
+        h = swiglu(_project_gathered(xs, experts, "gate_up", flat), alpha, limit)
+        y = _project_gathered(h, experts, "down", flat)
+    elif path == "grouped":
+        order = jnp.argsort(flat, stable=True)
+        sorted_ids = flat[order]
+        group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+        xs = x[order // k]
+        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes), alpha, limit)
+        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes)
+        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+    else:
+        raise ValueError(f"unknown expert path {path!r}")
+    y = y.reshape(n, k, -1).astype(jnp.float32)
+    return jnp.einsum("nkh,nk->nh", y, weights.astype(jnp.float32)).astype(x.dtype)
+
+
+class MoE(nnx.Module):
+    """Router (``router_kernel`` [H, E], ``router_bias`` [E]) and E experts.
+
+    Packed experts: ``gate_up_blocks`` [E, 2I, H/32, 16], ``gate_up_scales`` [E, 2I, H/32],
+    ``down_blocks`` [E, H, I/32, 16], ``down_scales`` [E, H, I/32]; dense experts: ``gate_up_kernel``
+    [E, H, 2I], ``down_kernel`` [E, I, H]. Biases ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H].
+    """
+
+    def __init__(self, cfg: GptOssConfig, *, dtype, experts: str = PACKED, rngs: nnx.Rngs):
+        if experts not in EXPERT_FORMATS:
+            raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.experts_per_token
+        self.alpha = cfg.swiglu_alpha
+        self.limit = cfg.swiglu_limit
+        self.expert_format = experts
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+
+        def normal(shape, axes, std=0.02):
+            return param((std * jax.random.normal(rngs.params(), shape)).astype(dtype), axes)
+
+        self.router_kernel = normal((h, e), ("embed", None))
+        self.router_bias = normal((e,), (None,))
+        if experts == PACKED:
+            for name, (out_dim, in_dim, out_ax, in_ax) in {
+                "gate_up": (2 * i, h, "mlp", "embed"), "down": (h, i, "embed", "mlp")}.items():
+                bshape, sshape = mxfp4.packed_shape((e, out_dim, in_dim))
+                blocks = jax.random.randint(rngs.params(), bshape, 0, 256, jnp.int32).astype(jnp.uint8)
+                # E8M0 scale 2^-7 keeps random weights near the 0.02 scale of the other layers.
+                scales = jnp.full(sshape, 127 - 7, jnp.uint8)
+                setattr(self, f"{name}_blocks", param(blocks, ("experts", out_ax, in_ax, None)))
+                setattr(self, f"{name}_scales", param(scales, ("experts", out_ax, in_ax)))
+        else:
+            self.gate_up_kernel = normal((e, h, 2 * i), ("experts", "embed", "mlp"))
+            self.down_kernel = normal((e, i, h), ("experts", "mlp", "embed"))
+        self.gate_up_bias = normal((e, 2 * i), ("experts", "mlp"))
+        self.down_bias = normal((e, h), ("experts", "embed"))
+
+    def expert_weights(self) -> dict:
+        names = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales") if self.expert_format == PACKED \
+            else ("gate_up_kernel", "down_kernel")
+        return {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, H] -> [B, T, H]."""
+        b, t, h = x.shape
+        flat = x.reshape(b * t, h)
+        weights, ids = router(flat, self.router_kernel[...], self.router_bias[...], self.top_k)
+        y = experts_forward(flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
+        return y.reshape(b, t, h)
