@@ -31,13 +31,15 @@ def flat_paths(state) -> dict[str, object]:
 
 
 def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *, layout: str | None = None,
-         device: jax.Device | None = None) -> GptOss:
+         mesh: jax.sharding.Mesh | None = None, rules=None) -> GptOss:
     """Load a gpt-oss checkpoint folder.
 
     path: an official folder in the transformers layout (repository root) or the ``original/``
       layout, auto-detected (``layout=`` forces one).
     dtype: dtype of the dense weights and activations (jnp.bfloat16, or jnp.float32 for parity).
     experts: 'mxfp4' keeps expert weights packed in device memory; 'dense' stores them in ``dtype``.
+    mesh, rules: place each parameter on ``mesh`` as its logical axes map through ``rules``
+      (default :data:`gptoss_jax.sharding.DEFAULT_RULES`); without a mesh, the default device.
     """
     # convert/ imports gptoss_jax.config, so it is imported here rather than at module level
     from convert.names import CheckpointError, plan
@@ -53,6 +55,11 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
     items = plan(cfg, ckpt.layout, ckpt.experts, experts)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, experts))
     targets = flat_paths(abstract)
+    shardings = None
+    if mesh is not None:
+        from gptoss_jax.sharding import DEFAULT_RULES, state_shardings
+
+        shardings = flat_paths(state_shardings(abstract, mesh, rules or DEFAULT_RULES))
     if set(targets) != {it.ours for it in items}:  # the table and the model must describe the same parameters
         raise AssertionError(f"name table and model disagree: {sorted(set(targets) ^ {it.ours for it in items})[:5]}")
     log.info("loading %s (%s layout, %d tensors) as %s, experts %s", ckpt.folder, ckpt.layout, len(ckpt.specs),
@@ -64,7 +71,8 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
         if tuple(arr.shape) != tuple(target.shape):
             raise CheckpointError(f"{ckpt.folder}: {item.sources} give {item.ours} shape {arr.shape}, "
                                   f"expected {target.shape}")
-        values[item.ours] = jax.device_put(np.asarray(arr).astype(target.dtype), device)
+        placement = None if shardings is None else shardings[item.ours]
+        values[item.ours] = jax.device_put(np.asarray(arr).astype(target.dtype), placement)
     return nnx.merge(graphdef, _fill(abstract, values))
 
 
