@@ -9,7 +9,7 @@ Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*
 [E, out, in/32], the checkpoint's own layout) decoded inside the computation, or dense ``*_kernel``
 [E, in, out]. Two execution paths, picked by static shapes:
 - gather (few tokens, e.g. decode): fetch only the k selected experts of each token;
-- grouped (many tokens): sort assignments by expert and run ``jax.lax.ragged_dot``.
+- grouped (many tokens): sort assignments by expert and run a block-grouped matmul.
 Neither computes an expert for a token that did not select it.
 """
 from __future__ import annotations
@@ -62,14 +62,45 @@ def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array) ->
     return (y + experts[f"{name}_bias"][ids].astype(jnp.float32)).astype(x.dtype)
 
 
+def _block_size(rows: int, num_experts: int) -> int:
+    """Rows per block: about rows/E (padding stays <= the real rows), a power of two in [8, 256]."""
+    per_expert = max(1, -(-rows // num_experts))
+    return int(min(256, max(8, 1 << (per_expert - 1).bit_length())))
+
+
 def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
                      group_sizes: jax.Array) -> jax.Array:
-    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ bias), via ragged_dot."""
-    w = _expert_weight(experts, name, None, x.dtype)  # [E, out, in]
-    dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
-    y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, precision=precision_for(x.dtype),
-                                   preferred_element_type=jnp.float32)
+    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ bias).
+
+    A grouped matmul that touches each expert only for its own rows: every expert's group is padded
+    to whole blocks, and a scan runs one [block, in] x [in, out] product per block with that
+    block's expert weights (decoded from MXFP4 per block). Blocks past the last group are skipped.
+    (jax.lax.ragged_dot lowers to a dense masked product over all experts on CPU, which would
+    compute every expert for every row.)
+    """
+    m, d_in = x.shape
+    e = group_sizes.shape[0]
+    d_out = experts[f"{name}_bias"].shape[-1]
+    bsz = _block_size(m, e)
+    num_blocks = -(-m // bsz) + e  # static bound: sum_e ceil(g_e / bsz) <= ceil(M / bsz) + E - 1
+    padded = (group_sizes + bsz - 1) // bsz * bsz
+    padded_end = jnp.cumsum(padded)
+    dest = (padded_end - padded)[sorted_ids] + jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_ids]
+    xb = jnp.zeros((num_blocks * bsz, d_in), x.dtype).at[dest].set(x).reshape(num_blocks, bsz, d_in)
+    block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
+    prec = precision_for(x.dtype)
+
+    def block(_, args):
+        rows, eid = args
+
+        def compute(_):
+            w = _expert_weight(experts, name, eid, x.dtype)  # [out, in] of one expert
+            return jnp.einsum("bi,oi->bo", rows, w, precision=prec, preferred_element_type=jnp.float32)
+
+        return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
+
+    _, y = jax.lax.scan(block, None, (xb, jnp.minimum(block_expert, e)))
+    y = y.reshape(num_blocks * bsz, d_out)[dest]
     return (y + experts[f"{name}_bias"][sorted_ids].astype(jnp.float32)).astype(x.dtype)
 
 
