@@ -20,6 +20,7 @@ from convert.names import ORIGINAL, TRANSFORMERS, checkpoint_shape, layout_tenso
 from gptoss_jax.config import GptOssConfig
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+HARMONY_STOPS = [200002, 199999, 200012]  # generation_config.json eos of the published models
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -135,7 +136,7 @@ def write_random_checkpoint(path: str | os.PathLike, cfg: GptOssConfig, *, layou
     if layout == TRANSFORMERS:
         _write_json(os.path.join(path, "config.json"), cfg.to_hf_dict(quantized=experts == "mxfp4"))
         _write_json(os.path.join(path, "generation_config.json"),
-                    {"bos_token_id": cfg.bos_token_id, "do_sample": True, "eos_token_id": list(cfg.eos_token_ids),
+                    {"bos_token_id": cfg.bos_token_id, "do_sample": True, "eos_token_id": HARMONY_STOPS if cfg.vocab_size == 201088 else list(cfg.eos_token_ids),
                      "pad_token_id": cfg.pad_token_id})
     elif layout == ORIGINAL:
         _write_json(os.path.join(path, "config.json"), cfg.to_original_dict())

@@ -51,7 +51,7 @@ class GptOssConfig:
     swiglu_alpha: float = 1.702
     rms_norm_eps: float = 1e-5
     layer_types: tuple[str, ...] | None = None  # None: even layers sliding, odd layers full
-    eos_token_ids: tuple[int, ...] = (200002, 199999, 200012)
+    eos_token_ids: tuple[int, ...] = (200002,)  # config.json eos_token_id; generation stops: generation_config
     pad_token_id: int = 199999
     bos_token_id: int = 199998
 
@@ -221,7 +221,8 @@ class GptOssConfig:
         """The transformers ``config.json`` for this model (MXFP4 quantization_config when ``quantized``)."""
         d = {
             "architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
-            "eos_token_id": self.eos_token_ids[0], "experts_per_token": self.experts_per_token,
+            "eos_token_id": self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else list(self.eos_token_ids),
+            "experts_per_token": self.experts_per_token,
             "head_dim": self.head_dim, "hidden_act": "silu", "hidden_size": self.hidden_size,
             "initial_context_length": self.initial_context_length, "initializer_range": 0.02,
             "intermediate_size": self.intermediate_size, "layer_types": list(self.layer_types),
@@ -238,6 +239,8 @@ class GptOssConfig:
             "swiglu_limit": self.swiglu_limit, "tie_word_embeddings": False, "use_cache": True,
             "vocab_size": self.vocab_size,
         }
+        if self.bos_token_id != 199998:
+            d["bos_token_id"] = self.bos_token_id
         if self.swiglu_alpha != 1.702:
             d["swiglu_alpha"] = self.swiglu_alpha
         if quantized:

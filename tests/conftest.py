@@ -44,3 +44,35 @@ def o200k_path():
     if not os.path.isfile(path):
         pytest.fail(f"missing {path}: the shared data folder must sit beside the repository")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_hf):
+    """Our float32 model from the same files as ``hf_reference``."""
+    import jax.numpy as jnp
+
+    from gptoss_jax import load
+
+    return load(tiny_hf, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="session")
+def reference_run(hf_reference, tiny_cfg):
+    """One float32 reference forward over a left-padded batch of 48 tokens (6x the tiny window),
+    recording every layer's modules. Returns (tokens, mask, records, positions used by transformers)."""
+    import numpy as np
+
+    from tests.reference import capture, reference_logits
+
+    rng = np.random.default_rng(11)
+    tokens = rng.integers(0, tiny_cfg.vocab_size, (2, 48))
+    mask = np.ones_like(tokens)
+    mask[1, :9] = 0  # row 1 is left-padded
+    names = ["model.rotary_emb", "model.norm"]
+    for i in range(tiny_cfg.num_layers):
+        names += [f"model.layers.{i}.{m}" for m in
+                  ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp.router", "mlp.experts")]
+    with capture(hf_reference, names) as records:
+        reference_logits(hf_reference, tokens, mask)
+    positions = np.where(mask == 1, np.arange(tokens.shape[1])[None], -1)  # transformers: 0..T-1, pads masked
+    return tokens, mask, records, positions

@@ -1,0 +1,119 @@
+"""Router and experts against transformers' GptOssTopKRouter / GptOssExperts; SwiGLU clamp edges;
+only the selected experts are ever computed."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gptoss_jax import mxfp4
+from gptoss_jax.layers.moe import experts_forward, router, swiglu
+from tests.reference import to_np
+
+
+def _experts(model, layer, fmt):
+    """Expert weights of ``layer`` in ``fmt`` ('mxfp4' as loaded, or 'dense' decoded from it)."""
+    w = model.layers[layer].mlp.expert_weights()
+    if fmt == "dense":
+        for name in ("gate_up", "down"):
+            dense = mxfp4.unpack(w.pop(f"{name}_blocks"), w.pop(f"{name}_scales"), jnp.float32)  # [E, out, in]
+            w[f"{name}_kernel"] = jnp.swapaxes(dense, 1, 2)
+    return w
+
+
+def _run(model, x, ids, weights, experts, path):
+    cfg = model.config
+    return np.asarray(experts_forward(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(weights), experts,
+                                      cfg.num_experts, cfg.swiglu_alpha, cfg.swiglu_limit, path))
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_router_matches_reference(layer, reference_run, tiny_model):
+    _, _, records, _ = reference_run
+    (x,), _, (_, scores, indices) = records[f"model.layers.{layer}.mlp.router"]
+    mlp = tiny_model.layers[layer].mlp
+    weights, ids = router(jnp.asarray(to_np(x)), mlp.router_kernel[...], mlp.router_bias[...], mlp.top_k)
+    np.testing.assert_array_equal(np.asarray(ids), indices.numpy())  # top-k, in torch.topk order
+    np.testing.assert_allclose(np.asarray(weights), to_np(scores), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)  # softmax over the k only
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_experts_match_reference(layer, path, fmt, reference_run, tiny_model):
+    _, _, records, _ = reference_run
+    (x, ids, weights), _, out = records[f"model.layers.{layer}.mlp.experts"]
+    ours = _run(tiny_model, to_np(x), ids.numpy(), to_np(weights), _experts(tiny_model, layer, fmt), path)
+    np.testing.assert_allclose(ours, to_np(out), rtol=0, atol=5e-6 * max(1, np.abs(to_np(out)).max()))
+
+
+def test_experts_at_the_clamp_edges(reference_run, hf_reference, tiny_model):
+    """Inputs scaled up so gate values pass +7 (clamped from above only) and up values pass +-7."""
+    _, _, records, _ = reference_run
+    (x, ids, weights), _, _ = records["model.layers.0.mlp.experts"]
+    x = x * 6
+    with torch.no_grad():
+        ref = hf_reference.model.layers[0].mlp.experts(x, ids, weights).numpy()
+    experts = _experts(tiny_model, 0, "mxfp4")
+    # the pre-activations really are beyond the limit
+    w = mxfp4.unpack_np(np.asarray(experts["gate_up_blocks"]), np.asarray(experts["gate_up_scales"]))
+    h = np.einsum("nh,nkoh->nko", x.numpy(), w[ids.numpy()]) + np.asarray(experts["gate_up_bias"])[ids.numpy()]
+    gate, up = h[..., 0::2], h[..., 1::2]
+    assert (gate > 7).mean() > 0.05 and (gate < -7).mean() > 0.05
+    assert (up > 7).mean() > 0.05 and (up < -7).mean() > 0.05
+    for path in ("gather", "grouped"):
+        ours = _run(tiny_model, x.numpy(), ids.numpy(), weights.numpy(), experts, path)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_swiglu_matches_reference_gate():
+    from transformers import GptOssConfig as HFConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from gptoss_jax.config import PRESETS
+
+    hf = GptOssExperts(HFConfig(**PRESETS["tiny"].to_hf_dict(quantized=False)))
+    v = np.concatenate([np.linspace(-20, 20, 401), [-7, 7, -7.0001, 7.0001, 6.9999, 0]]).astype(np.float32)
+    gate_up = np.stack(np.meshgrid(v, v), -1).reshape(-1, 2 * 1)  # every (gate, up) pair, interleaved
+    ref = hf._apply_gate(torch.from_numpy(gate_up)).numpy()
+    ours = np.asarray(swiglu(jnp.asarray(gate_up), 1.702, 7.0))
+    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-6)
+    # gate has no lower clamp: a very negative gate still shapes the output
+    assert ours[0, 0] != np.asarray(swiglu(jnp.asarray([[-7.0, -20.0]]), 1.702, 7.0))[0, 0]
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+def test_unselected_experts_are_never_computed(fmt, path, tiny_model):
+    """Poison every expert no token selected with NaN weights: any computation that touches them
+    (even multiplied by a zero routing weight, as a dense masked product would) turns the output NaN."""
+    rng = np.random.default_rng(0)
+    n, k = (3, 4) if path == "gather" else (40, 4)
+    ids = np.stack([rng.choice(8, k, replace=False) for _ in range(n)])  # only experts 0..7 are used
+    weights = rng.dirichlet(np.ones(k), n).astype(np.float32)
+    x = rng.standard_normal((n, 96)).astype(np.float32)
+    clean = _experts(tiny_model, 0, fmt)
+    poisoned = dict(clean)
+    for name in ("gate_up", "down"):
+        if fmt == "mxfp4":  # E8M0 scale 0xFF is NaN
+            poisoned[f"{name}_scales"] = clean[f"{name}_scales"].at[8:].set(255)
+        else:
+            poisoned[f"{name}_kernel"] = clean[f"{name}_kernel"].at[8:].set(jnp.nan)
+    want = _run(tiny_model, x, ids, weights, clean, path)
+    got = _run(tiny_model, x, ids, weights, poisoned, path)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_grouped_and_gather_paths_agree_on_many_tokens(tiny_model):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 96)).astype(np.float32)
+    mlp = tiny_model.layers[1].mlp
+    weights, ids = jax.jit(router, static_argnums=3)(jnp.asarray(x), mlp.router_kernel[...], mlp.router_bias[...], 4)
+    experts = _experts(tiny_model, 1, "mxfp4")
+    a = _run(tiny_model, x, ids, weights, experts, "gather")
+    b = _run(tiny_model, x, ids, weights, experts, "grouped")
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
