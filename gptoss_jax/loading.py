@@ -38,8 +38,9 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
       layout, auto-detected (``layout=`` forces one).
     dtype: dtype of the dense weights and activations (jnp.bfloat16, or jnp.float32 for parity).
     experts: 'mxfp4' keeps expert weights packed in device memory; 'dense' stores them in ``dtype``.
-    mesh, rules: place each parameter on ``mesh`` as its logical axes map through ``rules``
-      (default :data:`gptoss_jax.sharding.DEFAULT_RULES`); without a mesh, the default device.
+    mesh, rules: place each parameter on ``mesh`` as its logical axes map through ``rules`` (a preset
+      name of :data:`gptoss_jax.sharding.PRESETS` or a table; default
+      :data:`gptoss_jax.sharding.DEFAULT_RULES`) and run the model there; without a mesh, the default device.
     """
     # convert/ imports gptoss_jax.config, so it is imported here rather than at module level
     from convert.names import CheckpointError, plan
@@ -55,11 +56,12 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
     items = plan(cfg, ckpt.layout, ckpt.experts, experts)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, experts))
     targets = flat_paths(abstract)
-    shardings = None
+    shardings = layout = None
     if mesh is not None:
-        from gptoss_jax.sharding import DEFAULT_RULES, state_shardings
+        from gptoss_jax.sharding import Layout, state_shardings, use_layout
 
-        shardings = flat_paths(state_shardings(abstract, mesh, rules or DEFAULT_RULES))
+        layout = Layout(mesh, rules)
+        shardings = flat_paths(state_shardings(abstract, mesh, layout.rules))
     if set(targets) != {it.ours for it in items}:  # the table and the model must describe the same parameters
         raise AssertionError(f"name table and model disagree: {sorted(set(targets) ^ {it.ours for it in items})[:5]}")
     log.info("loading %s (%s layout, %d tensors) as %s, experts %s", ckpt.folder, ckpt.layout, len(ckpt.specs),
@@ -73,7 +75,8 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
                                   f"expected {target.shape}")
         placement = None if shardings is None else shardings[item.ours]
         values[item.ours] = jax.device_put(np.asarray(arr).astype(target.dtype), placement)
-    return nnx.merge(graphdef, _fill(abstract, values))
+    model = nnx.merge(graphdef, _fill(abstract, values))
+    return model if layout is None else use_layout(model, layout)
 
 
 def _fill(abstract_state, values: dict[str, jax.Array]):

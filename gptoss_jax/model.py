@@ -47,6 +47,7 @@ class GptOss(nnx.Module):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.expert_format = experts
+        self.layout = None  # a gptoss_jax.sharding.Layout when placed on a mesh (shard_model)
         v, h = cfg.vocab_size, cfg.hidden_size
         self.embedding = param(jax.random.normal(rngs.params(), (v, h)).astype(dtype), ("vocab", "embed"))
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, rngs=rngs)
@@ -60,14 +61,19 @@ class GptOss(nnx.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        x = self._boundary(jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype))
         cos, sin = rope_tables(jnp.maximum(positions, 0), self.config)
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.layers):
             x, c = block(x, cos, sin, positions, None if cache is None else cache[i])
+            x = self._boundary(x)
             if cache is not None:
-                new_cache.append(c)
+                new_cache.append(c if self.layout is None else self.layout.cache(c))
         return self.norm(x), new_cache
+
+    def _boundary(self, x: jax.Array) -> jax.Array:
+        """The residual stream between blocks, constrained to the layout's batch split when on a mesh."""
+        return x if self.layout is None else self.layout.residual(x)
 
     def unembed(self, x: jax.Array) -> jax.Array:
         """[..., H] -> float32 logits [..., V]."""
@@ -82,6 +88,9 @@ class GptOss(nnx.Module):
         return self.unembed(x), cache
 
     def init_cache(self, batch: int, context: int) -> list[LayerCache]:
+        """Empty per-layer caches (created in their shards when the model is on a mesh)."""
+        if self.layout is not None:
+            return self.layout.init_cache(self.config, batch, context, self.dtype)
         return init_cache(self.config, batch, context, self.dtype)
 
     def logits(self, tokens, mask=None) -> jax.Array:

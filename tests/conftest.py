@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Eight fake CPU devices for the whole session (mesh tests), set before anything imports JAX.
+# Single-device code keeps running on device 0.
+_DEVICES = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES}".strip()
 
-from convert.synthetic import write_random_checkpoint
-from gptoss_jax.config import PRESETS
+import pytest  # noqa: E402
+
+from convert.synthetic import write_random_checkpoint  # noqa: E402
+from gptoss_jax.config import PRESETS  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 SEED = 1

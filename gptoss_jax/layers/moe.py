@@ -43,15 +43,20 @@ def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
     return (gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)).astype(gate_up.dtype)
 
 
+def take_experts(a: jax.Array, ids: jax.Array) -> jax.Array:
+    """Rows ``a[ids]`` of a per-expert array [E, ...]; an empty slot (id E) gives zeros."""
+    return jnp.take(a, ids, axis=0, mode="fill", fill_value=0)
+
+
 def _expert_weight(experts: dict, name: str, ids: jax.Array | None, dtype) -> jax.Array:
     """Weights of ``name`` ('gate_up' | 'down') for expert ``ids`` (all when None), as [.., out, in]."""
     if f"{name}_blocks" in experts:
         blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
         if ids is not None:
-            blocks, scales = blocks[ids], scales[ids]
+            blocks, scales = take_experts(blocks, ids), take_experts(scales, ids)
         return mxfp4.unpack(blocks, scales, dtype)
     w = experts[f"{name}_kernel"]
-    w = w if ids is None else w[ids]
+    w = w if ids is None else take_experts(w, ids)
     return jnp.swapaxes(w, -1, -2).astype(dtype)
 
 
@@ -59,7 +64,7 @@ def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array) ->
     """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ bias)."""
     w = _expert_weight(experts, name, ids, x.dtype)  # [M, out, in]
     y = jnp.einsum("mi,moi->mo", x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
-    return (y + experts[f"{name}_bias"][ids].astype(jnp.float32)).astype(x.dtype)
+    return (y + take_experts(experts[f"{name}_bias"], ids).astype(jnp.float32)).astype(x.dtype)
 
 
 def _block_size(rows: int, num_experts: int) -> int:
@@ -86,7 +91,8 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     padded = (group_sizes + bsz - 1) // bsz * bsz
     padded_end = jnp.cumsum(padded)
     dest = (padded_end - padded)[sorted_ids] + jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_ids]
-    xb = jnp.zeros((num_blocks * bsz, d_in), x.dtype).at[dest].set(x).reshape(num_blocks, bsz, d_in)
+    dest = jnp.where(sorted_ids < e, dest, num_blocks * bsz)  # empty slots (id E) go to no block
+    xb = jnp.zeros((num_blocks * bsz, d_in), x.dtype).at[dest].set(x, mode="drop").reshape(num_blocks, bsz, d_in)
     block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
     prec = precision_for(x.dtype)
 
@@ -100,15 +106,17 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
         return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
 
     _, y = jax.lax.scan(block, None, (xb, jnp.minimum(block_expert, e)))
-    y = y.reshape(num_blocks * bsz, d_out)[dest]
-    return (y + experts[f"{name}_bias"][sorted_ids].astype(jnp.float32)).astype(x.dtype)
+    y = jnp.take(y.reshape(num_blocks * bsz, d_out), dest, axis=0, mode="fill", fill_value=0)
+    return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
 
 def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
                     alpha: float, limit: float, path: str | None = None) -> jax.Array:
     """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x) [N, H].
 
-    ``path``: 'gather' or 'grouped' (default: gather when N*k <= num_experts).
+    ``path``: 'gather' or 'grouped' (default: gather when N*k <= num_experts). An id equal to
+    ``num_experts`` is an empty slot: no expert, zero output (expert parallelism marks assignments to
+    experts held by other devices so); per-expert leaves are read through ``take_experts``.
     """
     n, k = ids.shape
     if path is None:
@@ -148,6 +156,7 @@ class MoE(nnx.Module):
         self.alpha = cfg.swiglu_alpha
         self.limit = cfg.swiglu_limit
         self.expert_format = experts
+        self.layout = None  # a gptoss_jax.sharding.Layout when placed on a mesh (shard_model)
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
 
         def normal(shape, axes, std=0.02):
@@ -180,5 +189,6 @@ class MoE(nnx.Module):
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         weights, ids = router(flat, self.router_kernel[...], self.router_bias[...], self.top_k)
-        y = experts_forward(flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
+        args = (flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
+        y = experts_forward(*args) if self.layout is None else self.layout.experts_forward(*args, batch=b)
         return y.reshape(b, t, h)

@@ -1,0 +1,86 @@
+"""Expert-parallel MoE under ``shard_map``: each device computes only the experts it holds.
+
+REASONING_PLACEHOLDER
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from gptoss_jax.layers.moe import experts_forward
+
+REDUCE = "reduce"
+ALL_TO_ALL = "all_to_all"
+SCHEMES = (REDUCE, ALL_TO_ALL)
+
+
+def local_assignments(ids: jax.Array, weights: jax.Array, per_shard: int, shard: jax.Array):
+    """Global expert ids [N, k] -> this shard's local ids; assignments to experts held elsewhere become
+    empty slots (id ``per_shard``, weight 0), which ``experts_forward`` gives no expert."""
+    local = ids - shard * per_shard
+    mine = (local >= 0) & (local < per_shard)
+    return jnp.where(mine, local, per_shard), jnp.where(mine, weights, jnp.zeros_like(weights))
+
+
+def _replicate_and_reduce(x, ids, weights, experts, *, per_shard, expert_axes, gather_axes, alpha, limit, path):
+    """Body. Tokens split over ``gather_axes`` (a subset of ``expert_axes``) are all-gathered; each device
+    runs its local experts on the tokens routed to them; partial outputs are summed over the expert
+    axes (reduce-scattered back over ``gather_axes``, all-reduced over the others)."""
+    if gather_axes:
+        x, ids, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True) for a in (x, ids, weights))
+    if expert_axes:
+        ids, weights = local_assignments(ids, weights, per_shard, jax.lax.axis_index(expert_axes))
+    y = experts_forward(x, ids, weights, experts, per_shard, alpha, limit, path)
+    if gather_axes:
+        y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
+    rest = tuple(a for a in expert_axes if a not in gather_axes)
+    return jax.lax.psum(y, rest) if rest else y
+
+
+def _all_to_all(x, ids, weights, experts, *, per_shard, shards, expert_axes, alpha, limit, path):
+    """Body. Tokens split over every expert axis; each (token, expert) assignment is sent to the device
+    holding the expert, computed there and sent back. Exact with static shapes: each destination has room
+    for every assignment of this device's tokens that could go there (N * min(k, E/n) rows)."""
+    n, h = shards, x.shape[1]
+    tokens, k = ids.shape
+    capacity = tokens * min(k, per_shard)
+    flat = ids.reshape(-1)
+    dest = flat // per_shard  # [N*k] destination device along expert_axes
+    slot = jnp.take_along_axis(jnp.cumsum(dest[:, None] == jnp.arange(n), axis=0) - 1, dest[:, None], axis=1)[:, 0]
+    send = jnp.zeros((n, capacity, h), x.dtype).at[dest, slot].set(jnp.repeat(x, k, axis=0))
+    send_ids = jnp.full((n, capacity), per_shard, jnp.int32).at[dest, slot].set(flat % per_shard)
+    exchange = functools.partial(jax.lax.all_to_all, axis_name=expert_axes, split_axis=0, concat_axis=0, tiled=True)
+    rows, row_ids = exchange(send).reshape(n * capacity, h), exchange(send_ids).reshape(n * capacity, 1)
+    out = experts_forward(rows, row_ids, jnp.ones_like(row_ids, x.dtype), experts, per_shard, alpha, limit, path)
+    back = exchange(out.reshape(n, capacity, h))[dest, slot].reshape(tokens, k, h)
+    return jnp.einsum("nkh,nk->nh", back.astype(jnp.float32), weights.astype(jnp.float32)).astype(x.dtype)
+
+
+def expert_parallel_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
+                            alpha: float, limit: float, *, mesh: Mesh, expert_axes: tuple[str, ...],
+                            token_axes: tuple[str, ...], scheme: str = REDUCE, path: str | None = None) -> jax.Array:
+    """``experts_forward`` on a mesh. x [N, H], ids/weights [N, k] with N split over ``token_axes``;
+    every leaf of ``experts`` with a leading axis of size ``num_experts`` is split over ``expert_axes``
+    (others replicated) -> [N, H] split like x."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown expert-parallel scheme {scheme!r}; choose one of {SCHEMES}")
+    shards = math.prod(mesh.shape[a] for a in expert_axes)
+    if num_experts % shards:
+        raise ValueError(f"{num_experts} experts do not split over mesh axes {expert_axes} {dict(mesh.shape)}")
+    per_shard = num_experts // shards
+    if scheme == ALL_TO_ALL and expert_axes and set(expert_axes) <= set(token_axes):
+        body = functools.partial(_all_to_all, per_shard=per_shard, shards=shards, expert_axes=expert_axes,
+                                 alpha=alpha, limit=limit, path=path)
+    else:  # replicate-and-reduce; also all_to_all's fallback when tokens are not split over the experts' axes
+        gather_axes = tuple(a for a in token_axes if a in expert_axes)
+        body = functools.partial(_replicate_and_reduce, per_shard=per_shard, expert_axes=expert_axes,
+                                 gather_axes=gather_axes, alpha=alpha, limit=limit, path=path)
+    tokens = P(token_axes or None)
+    expert_specs = {name: P(expert_axes or None) if leaf.ndim and leaf.shape[0] == num_experts else P()
+                    for name, leaf in experts.items()}
+    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_specs),
+                         out_specs=tokens)(x, ids, weights, experts)
