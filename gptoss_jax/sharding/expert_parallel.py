@@ -1,6 +1,55 @@
 """Expert-parallel MoE under ``shard_map``: each device computes only the experts it holds.
 
-REASONING_PLACEHOLDER
+Experts (every leaf of the experts dict with a leading axis of E, packed MXFP4 or dense, and any
+per-expert adapter added the same way) are split over the ``expert_axes`` (n devices, E/n each);
+tokens are split over ``token_axes`` (the rules' batch axes). Inside the body a device maps the router's
+global expert ids to its own: assignments to experts held elsewhere become empty slots (id E/n, weight
+0), which :func:`gptoss_jax.layers.moe.experts_forward` gives no expert (the grouped path puts them in
+no block; the gather path multiplies them by zero weights), so the local computation runs its E/n
+experts on exactly the tokens routed to them.
+
+Two ways to bring tokens to their experts and the results back:
+
+- **replicate-and-reduce** (``reduce``, the default): tokens split over the expert axes are
+  all-gathered over them (tokens already replicated there, e.g. a decode batch smaller than the mesh,
+  need nothing); each device runs its local experts; the partial outputs are reduce-scattered back
+  (all-reduced where the tokens were replicated). One or two collectives per layer, static shapes
+  equal to the activations, exact.
+- **all-to-all** (``all_to_all``): each (token, expert) pair travels to the device holding the expert
+  and back (two all-to-alls). Exact with static shapes only if every destination has room for every
+  assignment that could go there: N/n * min(k, E/n) rows per destination. Used only when tokens are
+  split over all expert axes; otherwise it falls back to reduce.
+
+Choice: replicate-and-reduce. Numbers from ``python -m benchmarks.moe_comm`` (BENCHMARKS.md,
+"Sharding"); n = 8 expert devices, bf16 activations, H = 2880, k = 4; bytes each device sends per MoE
+layer (gpt-oss-20b and 120b are alike: the volume depends on H, k and n, not on E):
+
+| tokens in the group | reduce | all-to-all, dense exact | all-to-all, ragged (ideal) |
+| ---: | ---: | ---: | ---: |
+| decode 1 | 10.1 KB | 323 KB (32x) | 40.3 KB (4x: the token's device sends it k times) |
+| decode 64 | 645 KB | 2.58 MB (4x) | 323 KB (0.5x) |
+| train 8 x 4096 | 330 MB | 1.32 GB (4x) | 165 MB (0.5x; 0.42x sending a token once per device) |
+
+- The exact static all-to-all moves min(k, E/n) = 4x the bytes of reduce (the compiled HLO on
+  the fake mesh agrees: 57.5 KB vs 14.6 KB at 8 tokens, 14.7 MB vs 3.73 MB at 2048), and needs
+  receive buffers k times the all-gathered activations.
+- Measured on the fake 8-device CPU mesh (2 shared cores; collectives are memory copies, so this
+  prices compute and routing, not links): neither scheme wins consistently (e.g. 32 experts, 512 tokens:
+  209 ms reduce vs 192 ms all-to-all; 2048 tokens: 763 vs 807 ms; 128 experts, 2048 tokens: 1.41 s vs
+  1.81 s). Both run the same static number of assignment rows, N*k, per device.
+- A ragged all-to-all (only real rows sent) would halve the bytes for training batches at n = 8 (the
+  ratio is k/n, so no gain at n <= 4), but XLA:CPU has no ``ragged-all-to-all`` (UNIMPLEMENTED), so it
+  cannot be tested here; it needs three collectives per layer (sizes, dispatch, combine) and
+  worst-case receive buffers. Decode (1..64 tokens, <= 645 KB per layer) is latency-bound: one or two
+  collectives beat three.
+
+So decode and training both use replicate-and-reduce; the dense all-to-all stays selectable
+(``Layout(moe_scheme="all_to_all")``) for measurement. A ragged all-to-all for large training meshes on
+GPU/TPU is the next step.
+
+Partial outputs are summed in the activation dtype (bf16 in production: each device rounds its partial
+sum once before the reduction, where one device rounds once after summing); float32 results match one
+device up to summation order.
 """
 from __future__ import annotations
 
@@ -82,5 +131,8 @@ def expert_parallel_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, ex
     tokens = P(token_axes or None)
     expert_specs = {name: P(expert_axes or None) if leaf.ndim and leaf.shape[0] == num_experts else P()
                     for name, leaf in experts.items()}
+    # check_vma=False: the grouped matmul's lax.cond skips padding blocks with an invariant zero branch,
+    # which the varying-axes type check rejects; values and gradients are checked against one device
+    # (tests/test_sharding.py).
     return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_specs),
-                         out_specs=tokens)(x, ids, weights, experts)
+                         out_specs=tokens, check_vma=False)(x, ids, weights, experts)
