@@ -85,6 +85,19 @@ def test_sharded_forward_equals_single_device(spec, rules, tiny_hf, tokens, sing
     assert err <= 1e-5
 
 
+def test_bf16_sharded_tracks_float32_as_well_as_one_device(tiny_hf, tiny_cfg, tiny_model):
+    """In bf16 each device rounds its partial expert sum before the reduction; the logits stay as close
+    to the float32 model as one device's bf16 logits."""
+    tokens = np.random.default_rng(0).integers(0, tiny_cfg.vocab_size, (8, 48))
+    ref = np.asarray(tiny_model.logits(tokens))
+    one = np.asarray(gptoss_jax.load(tiny_hf, dtype=jnp.bfloat16).logits(tokens))
+    sharded = np.asarray(gptoss_jax.load(tiny_hf, dtype=jnp.bfloat16, mesh=mesh_from_spec("expert=8"),
+                                         rules="expert").logits(tokens))
+    rms = lambda a: float(np.sqrt(np.mean((a - ref) ** 2)))  # noqa: E731
+    print(f"bf16 RMS logit error against float32: one device {rms(one):.4f}, expert=8 {rms(sharded):.4f}")
+    assert rms(sharded) <= 1.1 * rms(one)
+
+
 @pytest.mark.parametrize("experts, scheme", [("dense", "reduce"), ("mxfp4", "all_to_all")])
 def test_dense_experts_and_all_to_all(experts, scheme, tiny_hf, tokens, single_logits):
     mesh = mesh_from_spec("data=2,expert=4")

@@ -33,10 +33,11 @@ layer (gpt-oss-20b and 120b are alike: the volume depends on H, k and n, not on 
 - The exact static all-to-all moves min(k, E/n) = 4x the bytes of reduce (the compiled HLO on
   the fake mesh agrees: 57.5 KB vs 14.6 KB at 8 tokens, 14.7 MB vs 3.73 MB at 2048), and needs
   receive buffers k times the all-gathered activations.
-- Measured on the fake 8-device CPU mesh (2 shared cores; collectives are memory copies, so this
-  prices compute and routing, not links): neither scheme wins consistently (e.g. 32 experts, 512 tokens:
-  209 ms reduce vs 192 ms all-to-all; 2048 tokens: 763 vs 807 ms; 128 experts, 2048 tokens: 1.41 s vs
-  1.81 s). Both run the same static number of assignment rows, N*k, per device.
+- Measured on the fake 8-device CPU mesh (hidden 256, packed experts; 2 shared cores, collectives are
+  memory copies, so this prices compute, routing and copies, not links): a tie up to 64 tokens;
+  reduce is faster from 512 tokens (32 experts: 106 vs 139 ms at 512, 400 vs 549 ms at 2048; 128
+  experts: 132 vs 180 ms, 716 vs 786 ms): both run N*k assignment rows per device, and the
+  all-to-all adds its dispatch scatter and 4x larger buffers.
 - A ragged all-to-all (only real rows sent) would halve the bytes for training batches at n = 8 (the
   ratio is k/n, so no gain at n <= 4), but XLA:CPU has no ``ragged-all-to-all`` (UNIMPLEMENTED), so it
   cannot be tested here; it needs three collectives per layer (sizes, dispatch, combine) and
