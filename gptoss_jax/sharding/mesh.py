@@ -97,7 +97,12 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
-    return int(value) if value else None
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
