@@ -44,3 +44,11 @@ def o200k_path():
     if not os.path.isfile(path):
         pytest.fail(f"missing {path}: the shared data folder must sit beside the repository")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory, tiny_hf):
+    """tiny_hf converted to our Orbax format (MXFP4 experts packed, bf16 weights)."""
+    from convert import convert_checkpoint
+
+    return convert_checkpoint(tiny_hf, tmp_path_factory.mktemp("tiny_converted") / "ckpt", progress=False)
