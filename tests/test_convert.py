@@ -31,11 +31,38 @@ TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.jso
                    "special_tokens_map.json": "{}", "chat_template.jinja": "{{ messages }}"}
 
 
-def run_python(code: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+def child_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def run_python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter from the repository root (its own JAX, its own limits)."""
-    full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=240, **kw)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(**(env or {})),
+                          capture_output=True, text=True, timeout=240)
+
+
+def start_paused(entry: str, ready) -> subprocess.Popen:
+    """Run ``entry`` (a line of Python that converts) in a fresh interpreter whose conversion stops for
+    good before building layer 1 (the embedding, norm, unembedding and layer 0 are written by then);
+    returns once it has paused, signalled by creating the file ``ready``."""
+    code = (f"import sys, time, convert, convert.__main__, convert.to_orbax as t\n"
+            f"build = t.build_group\n"
+            f"def pause_at_layer_1(ckpt, items, *rest):\n"
+            f"    if items[0].ours.startswith('layers.1.'):\n"
+            f"        open({str(ready)!r}, 'w').close()\n"
+            f"        time.sleep(300)\n"
+            f"    return build(ckpt, items, *rest)\n"
+            f"t.build_group = pause_at_layer_1\n"
+            f"{entry}\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=child_env(), stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the converter exited or stalled before pausing: {proc.communicate()}")
+        time.sleep(0.1)
+    return proc
 
 
 def same_logits(a_path, b_path, tokens, **kw):
@@ -221,27 +248,12 @@ def test_disk_full_leaves_nothing(tmp_path, tiny_hf):
 
 def test_killed_midway_leaves_incomplete_temp_and_rerun_succeeds(tmp_path, tiny_hf, tokens):
     dst, ready = tmp_path / "dst", tmp_path / "ready"
-    code = (f"import time, convert\n"
-            f"calls = []\n"
-            f"def pause(nbytes):\n"
-            f"    calls.append(nbytes)\n"
-            f"    if len(calls) == 20:  # embedding saved, inside layer 0\n"
-            f"        open({str(ready)!r}, 'w').close()\n"
-            f"        time.sleep(300)\n"
-            f"convert.convert_checkpoint({str(tiny_hf)!r}, {str(dst)!r}, progress=pause)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
-    try:
-        deadline = time.time() + 120
-        while not ready.exists():
-            assert proc.poll() is None and time.time() < deadline, "converter exited before the pause"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = start_paused(f"convert.convert_checkpoint({str(tiny_hf)!r}, {str(dst)!r})", ready)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
     assert not dst.exists()
     (tmp,) = glob.glob(str(tmp_path / ".dst.tmp-*"))
-    assert os.path.isdir(os.path.join(tmp, PARAMS, "embedding")) and not os.path.exists(os.path.join(tmp, MARKER))
+    assert os.path.isdir(os.path.join(tmp, PARAMS, "layers.0")) and not os.path.exists(os.path.join(tmp, MARKER))
     with pytest.raises(CheckpointError, match="incomplete gptoss-jax checkpoint"):
         gptoss_jax.load(tmp)
     convert_checkpoint(tiny_hf, dst, progress=False)
@@ -252,21 +264,7 @@ def test_killed_midway_leaves_incomplete_temp_and_rerun_succeeds(tmp_path, tiny_
 def test_sigterm_cleans_up(tmp_path, tiny_hf):
     """The command turns SIGTERM into a clean stop: exit code 130, no DST, no temporary folder."""
     dst, ready = tmp_path / "dst", tmp_path / "ready"
-    code = (f"import sys, time, convert.to_orbax as t, convert.__main__ as m\n"
-            f"build = t.build_group\n"
-            f"def slow(ckpt, items, *a):\n"
-            f"    if items[0].ours.startswith('layers.1.'):\n"
-            f"        open({str(ready)!r}, 'w').close()\n"
-            f"        time.sleep(300)\n"
-            f"    return build(ckpt, items, *a)\n"
-            f"t.build_group = slow\n"
-            f"sys.exit(m.main([{str(tiny_hf)!r}, {str(dst)!r}]))\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
-    deadline = time.time() + 120
-    while not ready.exists():
-        assert proc.poll() is None and time.time() < deadline, "converter exited before the pause"
-        time.sleep(0.1)
+    proc = start_paused(f"sys.exit(convert.__main__.main([{str(tiny_hf)!r}, {str(dst)!r}]))", ready)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; nothing was written" in stderr, stderr[-2000:]
@@ -318,7 +316,7 @@ def test_cli_commands(tmp_path, tiny_hf, tokens):
     # python -m convert, not on a terminal: one log line per stage, no progress bar
     result = subprocess.run([sys.executable, "-m", "convert", "--to-official", str(tmp_path / "ours"),
                              str(tmp_path / "hf"), "--max-shard-size", "300KB"], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}, timeout=240)
+                            text=True, env=child_env(), timeout=240)
     assert result.returncode == 0, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if " convert: " in ln]
     assert len(lines) == 3 and "exported 60 tensors" in lines[1], result.stderr
