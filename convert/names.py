@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from gptoss_jax.config import GptOssConfig
@@ -61,6 +62,7 @@ GLOBAL_TABLE: tuple[tuple[str, str, str, str], ...] = (
 _HF_LAYER_PREFIX, _ORIG_LAYER_PREFIX = "model.layers.{i}.", "block.{i}."
 PACKED_PARTS = ("blocks", "scales")
 FLOAT_DTYPES = ("BF16", "F16", "F32")
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -212,8 +214,6 @@ def layout_tensors(cfg: GptOssConfig, layout: str, experts: str = "mxfp4") -> li
 def plan(cfg: GptOssConfig, layout: str, source_experts: str = "mxfp4", experts: str = "mxfp4") -> list[Item]:
     """How to build every parameter of a model with ``experts`` format from a ``layout`` checkpoint
     whose experts are stored as ``source_experts``. Covers each parameter exactly once."""
-    from gptoss_jax import mxfp4  # local: keeps this table importable without JAX initialisation
-
     shapes = our_shapes(cfg, experts)
     items: list[Item] = []
     for ours, hf, orig, kind in rows(cfg):
@@ -225,7 +225,7 @@ def plan(cfg: GptOssConfig, layout: str, source_experts: str = "mxfp4", experts:
             src_blocks = hf if layout == TRANSFORMERS else orig
             src_scales = src_blocks.replace("_blocks", "_scales").replace(".blocks", ".scales")
             dense_src = hf.replace("_blocks", "") if layout == TRANSFORMERS else None
-            items.extend(_expert_items(cfg, base, shapes, experts, source_experts, src_blocks, src_scales, dense_src, mxfp4))
+            items.extend(_expert_items(base, shapes, experts, source_experts, src_blocks, src_scales, dense_src))
             continue
         shape = shapes[ours]
         if layout == TRANSFORMERS:
@@ -240,27 +240,76 @@ def plan(cfg: GptOssConfig, layout: str, source_experts: str = "mxfp4", experts:
     return items
 
 
-def _expert_items(cfg, base, shapes, experts, source_experts, src_blocks, src_scales, dense_src, mxfp4):
+def _expert_items(base, shapes, experts, source_experts, src_blocks, src_scales, dense_src):
     """Items for one expert weight (``base`` = layers.N.mlp.gate_up | down) across formats."""
     if source_experts == "mxfp4" and experts == "mxfp4":
         return [Item(base + "_blocks", shapes[base + "_blocks"], (src_blocks,), lambda a: a[0]),
                 Item(base + "_scales", shapes[base + "_scales"], (src_scales,), lambda a: a[0])]
     if source_experts == "mxfp4":  # dequantize: [E, out, in] -> our dense [E, in, out] (exact)
         return [Item(base + "_kernel", shapes[base + "_kernel"], (src_blocks, src_scales),
-                     lambda a: np.ascontiguousarray(np.swapaxes(mxfp4.unpack_np(a[0], a[1]), 1, 2)))]
+                     lambda a: dequantize_experts(a[0], a[1]))]
     if experts == "dense":
         return [Item(base + "_kernel", shapes[base + "_kernel"], (dense_src,), lambda a: a[0])]
     # dense checkpoint -> packed model: quantize [E, in, out] along `in` (lossy; warned by the loader)
-
-    def quant(a, part):
-        b, s = mxfp4.quantize(np.swapaxes(np.asarray(a[0], np.float32), 1, 2), xp=np)
-        return b if part == "blocks" else s
-
-    return [Item(base + "_blocks", shapes[base + "_blocks"], (dense_src,), lambda a: quant(a, "blocks")),
-            Item(base + "_scales", shapes[base + "_scales"], (dense_src,), lambda a: quant(a, "scales"))]
+    quant = PairQuantizer()
+    return [Item(base + "_" + part, shapes[base + "_" + part], (dense_src,), lambda a, p=part: quant(a[0], p))
+            for part in PACKED_PARTS]
 
 
-def export_items(cfg: GptOssConfig) -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:
+def dequantize_experts(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Packed ``[E, out, in/32, 16]`` + ``[E, out, in/32]`` -> dense bf16 ``[E, in, out]`` (our kernels).
+
+    Exact: every MXFP4 value (E2M1 times a power of two) is a bf16 value. One expert at a time, so
+    temporaries stay at one expert's float32 weight."""
+    from gptoss_jax import mxfp4  # local: keeps this table importable without initialising JAX
+
+    e, n, g, _ = blocks.shape
+    out = np.empty((e, g * mxfp4.BLOCK, n), BF16)
+    for j in range(e):
+        out[j] = mxfp4.unpack_np(blocks[j], scales[j]).T
+    return out
+
+
+def quantize_experts(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ``[E, in, out]`` -> packed (blocks u8 ``[E, out, in/32, 16]``, scales u8 ``[E, out, in/32]``),
+    :func:`gptoss_jax.mxfp4.quantize` one expert at a time (bounded temporaries)."""
+    from gptoss_jax import mxfp4
+
+    e, k, n = kernel.shape
+    bshape, sshape = mxfp4.packed_shape((e, n, k))
+    blocks, scales = np.empty(bshape, np.uint8), np.empty(sshape, np.uint8)
+    for j in range(e):
+        blocks[j], scales[j] = mxfp4.quantize(np.asarray(kernel[j], np.float32).T, xp=np)
+    return blocks, scales
+
+
+class PairQuantizer:
+    """Quantizes one dense expert weight once for its two packed tensors, asked for blocks then
+    scales with the same array (the name table lists them as two rows)."""
+
+    def __init__(self):
+        self._dense = self._packed = None
+
+    def __call__(self, dense: np.ndarray, part: str) -> np.ndarray:
+        if self._dense is not dense:
+            self._dense, self._packed = dense, quantize_experts(dense)
+        out = self._packed[PACKED_PARTS.index(part)]
+        if part == PACKED_PARTS[-1]:
+            self._dense = self._packed = None  # the pair is done: drop the references
+        return out
+
+
+def export_items(cfg: GptOssConfig, experts: str = "mxfp4") -> list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]:
     """(our path, transformers name, ours->checkpoint function) for writing the transformers layout
-    from a model with packed experts."""
-    return [(ours, hf, lambda a, k=kind: to_checkpoint(k, a)) for ours, hf, _orig, kind in rows(cfg)]
+    (MXFP4 experts), in table order. ``experts='dense'``: the model holds dense ``*_kernel`` experts,
+    re-quantized with :func:`gptoss_jax.mxfp4.quantize` (both packed rows read the same kernel)."""
+    out = []
+    for ours, hf, _orig, kind in rows(cfg):
+        if experts == "dense" and _is_packed(ours):
+            base, part = ours.rsplit("_", 1)
+            if part == PACKED_PARTS[0]:
+                quant = PairQuantizer()
+            out.append((base + "_kernel", hf, lambda a, q=quant, p=part: q(a, p)))
+        else:
+            out.append((ours, hf, lambda a, k=kind: to_checkpoint(k, a)))
+    return out

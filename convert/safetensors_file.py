@@ -136,6 +136,7 @@ def write(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]] | M
                 raise SafetensorsError(f"{path}: tensor '{name}' {got} does not match the header entry "
                                        f"{specs[done][0]} {expected.get(specs[done][0])}")
             f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+            del a  # streaming: the next tensor may be produced while this one would still be referenced
             done += 1
         if done != len(specs):
             raise SafetensorsError(f"{path}: wrote {done} of {len(specs)} tensors")

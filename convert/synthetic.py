@@ -7,16 +7,14 @@ Scales are chosen so activations stay O(1) and the experts' gate/up outputs reac
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
 
-import ml_dtypes
 import numpy as np
 
-from convert import safetensors_file
-from convert.names import ORIGINAL, TRANSFORMERS, checkpoint_shape, layout_tensors, our_shapes, rows
+from convert.names import BF16, ORIGINAL, TRANSFORMERS, checkpoint_shape, layout_tensors, our_shapes, rows
+from convert.official import write_json, write_shards
 from gptoss_jax.config import GptOssConfig
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -99,54 +97,25 @@ def write_random_checkpoint(path: str | os.PathLike, cfg: GptOssConfig, *, layou
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    specs = layout_tensors(cfg, layout, experts)
-    entries = []
-    for s in specs:
-        dt = "U8" if "U8" in s.dtypes else "BF16"
-        entries.append((s.name, dt, s.shape, int(np.prod(s.shape)) * safetensors_file.DTYPES[dt].itemsize))
-    shards: list[list] = [[]]
-    size = 0
-    for e in entries:
-        if max_shard_bytes and shards[-1] and size + e[3] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e[3]
+    entries = [(s.name, "U8" if "U8" in s.dtypes else "BF16", s.shape) for s in layout_tensors(cfg, layout, experts)]
 
-    def values(shard):
-        for name, _, shape, nbytes in shard:
-            make = random_tensor if layout == TRANSFORMERS else original_tensor
+    def values():
+        make = random_tensor if layout == TRANSFORMERS else original_tensor
+        for name, dt, shape in entries:
             a = make(cfg, name, shape, seed, lm_head_alignment)
             if progress:
-                progress(nbytes)
+                progress(a.nbytes)
             yield name, a
 
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:  # the transformers converter's 0-based naming: model-00000-of-00002 ... model-00002-of-00002
-        names = [f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors" for k in range(len(shards))]
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        safetensors_file.write(os.path.join(path, fname), values(shard), {"format": "pt"},
-                               specs=[(n, dt, shape) for n, dt, shape, _ in shard])
-        weight_map.update({n: fname for n, *_ in shard})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(e[3] for e in entries)}, "weight_map": weight_map}
-        _write_json(os.path.join(path, "model.safetensors.index.json"), index)
+    write_shards(path, entries, values(), max_shard_bytes=max_shard_bytes)
     if layout == TRANSFORMERS:
-        _write_json(os.path.join(path, "config.json"), cfg.to_hf_dict(quantized=experts == "mxfp4"))
-        _write_json(os.path.join(path, "generation_config.json"),
-                    {"bos_token_id": cfg.bos_token_id, "do_sample": True, "eos_token_id": HARMONY_STOPS if cfg.vocab_size == 201088 else list(cfg.eos_token_ids),
-                     "pad_token_id": cfg.pad_token_id})
+        write_json(os.path.join(path, "config.json"), cfg.to_hf_dict(quantized=experts == "mxfp4"))
+        write_json(os.path.join(path, "generation_config.json"),
+                   {"bos_token_id": cfg.bos_token_id, "do_sample": True, "eos_token_id": HARMONY_STOPS if cfg.vocab_size == 201088 else list(cfg.eos_token_ids),
+                    "pad_token_id": cfg.pad_token_id})
     elif layout == ORIGINAL:
-        _write_json(os.path.join(path, "config.json"), cfg.to_original_dict())
-        _write_json(os.path.join(path, "dtypes.json"),
-                    {n: "FP4" if n.endswith(".blocks") else "UE8" if n.endswith(".scales") else "BF16"
-                     for n, *_ in entries})
+        write_json(os.path.join(path, "config.json"), cfg.to_original_dict())
+        write_json(os.path.join(path, "dtypes.json"),
+                   {n: "FP4" if n.endswith(".blocks") else "UE8" if n.endswith(".scales") else "BF16"
+                    for n, *_ in entries})
     return path
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

@@ -62,6 +62,7 @@ class GptOssConfig:
             )
         else:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))  # from_dict gets a JSON list
         self.validate()
 
     # ---------------------------------------------------------------- derived

@@ -1,7 +1,8 @@
 """``gptoss_jax.load``: official checkpoint folders (either layout) -> a :class:`GptOss` model.
 
 Tensors are read one at a time (no full host copy of the checkpoint), turned into our parameters
-through the single name table in :mod:`convert.names`, cast and placed on device.
+through the single name table in :mod:`convert.names`, cast and placed on device. Folders written by
+``gptoss-jax convert`` are restored by :func:`convert.orbax_format.restore_model`.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
     """Load a gpt-oss checkpoint folder.
 
     path: an official folder in the transformers layout (repository root) or the ``original/``
-      layout, auto-detected (``layout=`` forces one).
+      layout, auto-detected (``layout=`` forces one); or a folder written by ``gptoss-jax convert``
+      (restored with Orbax straight into each parameter's sharding).
     dtype: dtype of the dense weights and activations (jnp.bfloat16, or jnp.float32 for parity).
     experts: 'mxfp4' keeps expert weights packed in device memory; 'dense' stores them in ``dtype``.
     mesh, rules: place each parameter on ``mesh`` as its logical axes map through ``rules`` (a preset
@@ -45,9 +47,14 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
     # convert/ imports gptoss_jax.config, so it is imported here rather than at module level
     from convert.names import CheckpointError, plan
     from convert.official import open_checkpoint
+    from convert.orbax_format import is_converted, restore_model
 
     if experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS}, got {experts!r}")
+    if os.path.isdir(path) and is_converted(path):
+        if layout is not None:
+            raise ValueError(f"{path} is a gptoss-jax checkpoint; layout= applies to official folders only")
+        return restore_model(path, dtype, experts, mesh=mesh, rules=rules)
     ckpt = open_checkpoint(path, layout)
     cfg = ckpt.config
     if ckpt.experts == "dense" and experts == "mxfp4":

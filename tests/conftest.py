@@ -82,3 +82,11 @@ def reference_run(hf_reference, tiny_cfg):
         reference_logits(hf_reference, tokens, mask)
     positions = np.where(mask == 1, np.arange(tokens.shape[1])[None], -1)  # transformers: 0..T-1, pads masked
     return tokens, mask, records, positions
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory, tiny_hf):
+    """tiny_hf converted to our Orbax format (MXFP4 experts packed, bf16 weights)."""
+    from convert import convert_checkpoint
+
+    return convert_checkpoint(tiny_hf, tmp_path_factory.mktemp("tiny_converted") / "ckpt", progress=False)
