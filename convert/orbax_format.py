@@ -377,7 +377,12 @@ def restore_model(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "m
         values.update(restore_group(marker, group, args))
     if stored != experts:
         values = _convert_experts(values, stored, shardings, targets)
-    return nnx.merge(graphdef, _fill(abstract, values))
+    model = nnx.merge(graphdef, _fill(abstract, values))
+    if mesh is None:
+        return model
+    from gptoss_jax.sharding import Layout, use_layout
+
+    return use_layout(model, Layout(mesh, rules))  # the MoE then runs expert-parallel on the mesh
 
 
 def _shardings(abstract_state, mesh, rules) -> dict[str, jax.sharding.Sharding | None]:
@@ -385,9 +390,9 @@ def _shardings(abstract_state, mesh, rules) -> dict[str, jax.sharding.Sharding |
 
     if mesh is None:
         return {p: None for p in flat_paths(abstract_state)}
-    from gptoss_jax.sharding import DEFAULT_RULES, state_shardings
+    from gptoss_jax.sharding import get_rules, state_shardings
 
-    return flat_paths(state_shardings(abstract_state, mesh, rules or DEFAULT_RULES))
+    return flat_paths(state_shardings(abstract_state, mesh, get_rules(rules)))
 
 
 def _convert_experts(values: dict, stored: str, shardings: dict, targets: dict) -> dict:

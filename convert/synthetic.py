@@ -17,7 +17,6 @@ from convert.names import BF16, ORIGINAL, TRANSFORMERS, checkpoint_shape, layout
 from convert.official import write_json, write_shards
 from gptoss_jax.config import GptOssConfig
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 HARMONY_STOPS = [200002, 199999, 200012]  # generation_config.json eos of the published models
 
 

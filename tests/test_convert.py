@@ -387,11 +387,12 @@ print("RESULT" + json.dumps(out))
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT", 1)[1])
     assert out["mxfp4_logits_equal"] and out["dense_logits_equal"]
-    # tiny: vocab 1024, hidden 96, 6 q / 2 kv heads of 20, 16 experts, intermediate 64; model=2, expert=4
+    # tiny: vocab 1024, hidden 96, 6 q / 2 kv heads of 20, 16 experts, intermediate 64; model=2, expert=4;
+    # default rules (expert_tensor): experts over expert x model, heads and vocab over model
     packed, dense = out["mxfp4"], out["dense"]
     assert packed["embedding"] == [512, 96]
     assert packed["layers.0.attn.q_kernel"] == [96, 3, 20] and packed["layers.0.attn.k_kernel"] == [96, 1, 20]
     assert packed["layers.0.attn.o_kernel"] == [3, 20, 96]
-    assert packed["layers.0.mlp.gate_up_blocks"] == [4, 64, 3, 16] and packed["layers.0.mlp.gate_up_scales"] == [4, 64, 3]
-    assert packed["layers.0.mlp.down_blocks"] == [4, 96, 1, 16] and packed["layers.0.mlp.gate_up_bias"] == [4, 64]
-    assert dense["layers.0.mlp.gate_up_kernel"] == [4, 96, 64] and dense["layers.0.mlp.down_kernel"] == [4, 32, 96]
+    assert packed["layers.0.mlp.gate_up_blocks"] == [2, 128, 3, 16] and packed["layers.0.mlp.gate_up_scales"] == [2, 128, 3]
+    assert packed["layers.0.mlp.down_blocks"] == [2, 96, 2, 16] and packed["layers.0.mlp.gate_up_bias"] == [2, 128]
+    assert dense["layers.0.mlp.gate_up_kernel"] == [2, 96, 128] and dense["layers.0.mlp.down_kernel"] == [2, 64, 96]
