@@ -11,6 +11,10 @@ Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*
 - gather (few tokens, e.g. decode): fetch only the k selected experts of each token;
 - grouped (many tokens): sort assignments by expert and run ``jax.lax.ragged_dot``.
 Neither computes an expert for a token that did not select it.
+
+Optional per-expert LoRA adapters ride in the same experts dict with a leading expert axis:
+``{name}_lora_a`` [E, in, r] and ``{name}_lora_b`` [E, r, out] (already scaled by alpha/r); each
+row adds ``(x A_e) B_e`` for its own expert e inside the same gather / ragged_dot path.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.layers.common import dense, param, precision_for
+from gptoss_jax.layers.common import dense, dropout, param, precision_for
 
 PACKED = "mxfp4"
 DENSE = "dense"
@@ -55,29 +59,52 @@ def _expert_weight(experts: dict, name: str, ids: jax.Array | None, dtype) -> ja
     return jnp.swapaxes(w, -1, -2).astype(dtype)
 
 
-def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array) -> jax.Array:
-    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ bias)."""
+def _lora_input(x: jax.Array, name: str, lora_dropout) -> jax.Array:
+    """The LoRA branch's input: x with dropout when ``lora_dropout`` = (key, rate) is given."""
+    if lora_dropout is None:
+        return x
+    key, rate = lora_dropout
+    return dropout(x, jax.random.fold_in(key, name == "down"), rate)
+
+
+def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array, lora_dropout=None) -> jax.Array:
+    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ LoRA, + bias)."""
     w = _expert_weight(experts, name, ids, x.dtype)  # [M, out, in]
-    y = jnp.einsum("mi,moi->mo", x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
+    prec = precision_for(x.dtype)
+    y = jnp.einsum("mi,moi->mo", x, w, precision=prec, preferred_element_type=jnp.float32)
+    if f"{name}_lora_a" in experts:
+        a, b = experts[f"{name}_lora_a"][ids].astype(x.dtype), experts[f"{name}_lora_b"][ids].astype(x.dtype)
+        h = jnp.einsum("mi,mir->mr", _lora_input(x, name, lora_dropout), a, precision=prec,
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+        y = y + jnp.einsum("mr,mro->mo", h, b, precision=prec, preferred_element_type=jnp.float32)
     return (y + experts[f"{name}_bias"][ids].astype(jnp.float32)).astype(x.dtype)
 
 
-def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
-                     group_sizes: jax.Array) -> jax.Array:
-    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ bias), via ragged_dot."""
-    w = _expert_weight(experts, name, None, x.dtype)  # [E, out, in]
+def _ragged(x: jax.Array, w: jax.Array, group_sizes: jax.Array, contract: int) -> jax.Array:
+    """Rows of x [M, in] grouped by expert times w [E, ...] (contracting w's axis ``contract``) -> float32."""
     dims = jax.lax.RaggedDotDimensionNumbers(
-        dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
-    y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, precision=precision_for(x.dtype),
-                                   preferred_element_type=jnp.float32)
+        dot_dimension_numbers=(((1,), (contract,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
+    return jax.lax.ragged_dot_general(x, w, group_sizes, dims, precision=precision_for(x.dtype),
+                                      preferred_element_type=jnp.float32)
+
+
+def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
+                     group_sizes: jax.Array, lora_dropout=None) -> jax.Array:
+    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ LoRA, + bias), via ragged_dot."""
+    w = _expert_weight(experts, name, None, x.dtype)  # [E, out, in]
+    y = _ragged(x, w, group_sizes, 2)
+    if f"{name}_lora_a" in experts:  # A [E, in, r], B [E, r, out]
+        h = _ragged(_lora_input(x, name, lora_dropout), experts[f"{name}_lora_a"].astype(x.dtype), group_sizes, 1)
+        y = y + _ragged(h.astype(x.dtype), experts[f"{name}_lora_b"].astype(x.dtype), group_sizes, 1)
     return (y + experts[f"{name}_bias"][sorted_ids].astype(jnp.float32)).astype(x.dtype)
 
 
 def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
-                    alpha: float, limit: float, path: str | None = None) -> jax.Array:
+                    alpha: float, limit: float, path: str | None = None, lora_dropout=None) -> jax.Array:
     """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x) [N, H].
 
     ``path``: 'gather' or 'grouped' (default: gather when N*k <= num_experts).
+    ``lora_dropout``: (key, rate) for the LoRA adapters' inputs while training, else None.
     """
     n, k = ids.shape
     if path is None:
@@ -85,15 +112,15 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     flat = ids.reshape(-1)
     if path == "gather":
         xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
-        h = swiglu(_project_gathered(xs, experts, "gate_up", flat), alpha, limit)
-        y = _project_gathered(h, experts, "down", flat)
+        h = swiglu(_project_gathered(xs, experts, "gate_up", flat, lora_dropout), alpha, limit)
+        y = _project_gathered(h, experts, "down", flat, lora_dropout)
     elif path == "grouped":
         order = jnp.argsort(flat, stable=True)
         sorted_ids = flat[order]
         group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes), alpha, limit)
-        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes)
+        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout), alpha, limit)
+        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     else:
         raise ValueError(f"unknown expert path {path!r}")
@@ -107,6 +134,9 @@ class MoE(nnx.Module):
     Packed experts: ``gate_up_blocks`` [E, 2I, H/32, 16], ``gate_up_scales`` [E, 2I, H/32],
     ``down_blocks`` [E, H, I/32, 16], ``down_scales`` [E, H, I/32]; dense experts: ``gate_up_kernel``
     [E, H, 2I], ``down_kernel`` [E, I, H]. Biases ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H].
+    Optional per-expert LoRA (attached by ``train.lora.add_lora``): ``gate_up_lora_a`` [E, H, r],
+    ``gate_up_lora_b`` [E, r, 2I], ``down_lora_a`` [E, I, r], ``down_lora_b`` [E, r, H], ``lora_scale``,
+    ``lora_dropout`` (rate, applied while a ``lora_key`` variable is set).
     """
 
     def __init__(self, cfg: GptOssConfig, *, dtype, experts: str = PACKED, rngs: nnx.Rngs):
@@ -142,12 +172,20 @@ class MoE(nnx.Module):
     def expert_weights(self) -> dict:
         names = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales") if self.expert_format == PACKED \
             else ("gate_up_kernel", "down_kernel")
-        return {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
+        out = {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
+        for name in ("gate_up", "down"):
+            if hasattr(self, f"{name}_lora_a"):
+                out[f"{name}_lora_a"] = getattr(self, f"{name}_lora_a")[...]
+                out[f"{name}_lora_b"] = getattr(self, f"{name}_lora_b")[...] * self.lora_scale
+        return out
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, H] -> [B, T, H]."""
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         weights, ids = router(flat, self.router_kernel[...], self.router_bias[...], self.top_k)
-        y = experts_forward(flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
+        key = getattr(self, "lora_key", None)
+        lora_dropout = None if key is None else (key[...], self.lora_dropout)
+        y = experts_forward(flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit,
+                            lora_dropout=lora_dropout)
         return y.reshape(b, t, h)
