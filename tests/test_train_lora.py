@@ -142,3 +142,29 @@ def test_merge_with_dense_experts_is_exact_up_to_fp32_rounding(tiny_hf, tiny_cfg
     want = np.asarray(model.logits(tokens))
     got = np.asarray(lora.merge_lora(model).logits(tokens))
     assert np.abs(want).max() > 1 and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_chunked_loss_equals_the_full_logits_cross_entropy(tiny_hf, tiny_cfg):
+    """cross_entropy_sum (loss tokens first, chunks without loss tokens skipped) against
+    log-softmax of the model's own logits, value and gradient."""
+    from train.step import cross_entropy_sum
+
+    model = gptoss_jax.load(tiny_hf, dtype=jnp.float32)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, tiny_cfg.vocab_size, (2, 40))
+    targets = jnp.asarray(rng.integers(0, tiny_cfg.vocab_size, (2, 40)))
+    mask = jnp.asarray(rng.random((2, 40)) < 0.3)
+    hidden, _ = model.hidden_states(jnp.asarray(tokens))
+
+    def full(h, w):
+        logp = jax.nn.log_softmax(jnp.einsum("bth,vh->btv", h, w, precision="highest"), axis=-1)
+        return -jnp.sum(jnp.where(mask, jnp.take_along_axis(logp, targets[..., None], -1)[..., 0], 0.0))
+
+    w = model.unembedding[...]
+    want, want_g = jax.value_and_grad(full, argnums=(0, 1))(hidden, w)
+    got, got_g = jax.value_and_grad(lambda h, w: cross_entropy_sum(h, w, targets, mask, chunk=16),
+                                    argnums=(0, 1))(hidden, w)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(got_g, want_g):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()
+    np.testing.assert_allclose(float(model.logits(tokens).sum()), float(model.unembed(hidden).sum()), rtol=1e-6)

@@ -118,18 +118,7 @@ def apply_override(d: dict[str, Any], key: str, value: Any) -> None:
 
 def from_dict(d: dict[str, Any], source: str = "config") -> TrainConfig:
     """Build and validate a :class:`TrainConfig`; unknown fields and wrong types name the field."""
-    if not isinstance(d, dict):
-        raise TrainConfigError(f"{source}: expected a table of fields")
-    top = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kwargs = {}
-    for key, value in d.items():
-        if key not in top:
-            raise TrainConfigError(f"{source}: unknown field '{key}' (known: {', '.join(sorted(top))})")
-        if key in SECTIONS:
-            kwargs[key] = _section(SECTIONS[key], value, key, source)
-        else:
-            kwargs[key] = _typed(value, top[key], key, source)
-    cfg = TrainConfig(**kwargs)
+    cfg = _build(TrainConfig, d, "", source)
     validate(cfg, source)
     return cfg
 
@@ -142,15 +131,18 @@ def load(path: str | os.PathLike, overrides: list[tuple[str, Any]] = ()) -> Trai
     return from_dict(d, os.fspath(path))
 
 
-def _section(cls, value, name: str, source: str):
+def _build(cls, value, prefix: str, source: str):
+    """A config dataclass (the run, or a section at ``prefix``) from a table, field by field."""
     if not isinstance(value, dict):
-        raise TrainConfigError(f"{source}: field '{name}' must be a table, got {value!r}")
+        raise TrainConfigError(f"{source}: " + (f"field '{prefix[:-1]}' must be a table, got {value!r}" if prefix
+                                                else "expected a table of fields"))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, v in value.items():
         if key not in fields:
-            raise TrainConfigError(f"{source}: unknown field '{name}.{key}' (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _typed(v, fields[key], f"{name}.{key}", source)
+            raise TrainConfigError(f"{source}: unknown field '{prefix}{key}' (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _build(SECTIONS[key], v, f"{key}.", source) if not prefix and key in SECTIONS \
+            else _typed(v, fields[key], prefix + key, source)
     return cls(**kwargs)
 
 

@@ -43,14 +43,17 @@ def from_tree(template, tree: dict):
 
 
 def cross_entropy_sum(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, mask: jax.Array,
-                      chunk: int = 1024) -> jax.Array:
+                      chunk: int = 256) -> jax.Array:
     """Sum over masked tokens of -log p(target). hidden [B, T, H], unembedding [V, H], targets/mask [B, T].
 
-    Logits are computed ``chunk`` tokens at a time and recomputed in the backward pass, so only
-    [chunk, V] float32 logits exist at once (the vocabulary is 201088 wide).
+    Loss tokens are moved to the front, and logits are computed ``chunk`` tokens at a time, only for
+    chunks holding a loss token, and recomputed in the backward pass: at most [chunk, V] float32 logits
+    exist at once (the vocabulary is 201088 wide) and prompt tokens cost no unembedding.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     t, m = targets.reshape(-1), mask.reshape(-1)
+    order = jnp.argsort(~m, stable=True)  # loss tokens first
+    h, t, m = h[order], t[order], m[order]
     n = h.shape[0]
     chunk = min(chunk, n)
     pad = -n % chunk
@@ -65,7 +68,8 @@ def cross_entropy_sum(hidden: jax.Array, unembedding: jax.Array, targets: jax.Ar
         return jnp.sum(jnp.where(mc, nll, 0.0))
 
     def body(total, xs):
-        return total + one(*xs), None
+        hc, tc, mc = xs
+        return total + jax.lax.cond(jnp.any(mc), one, lambda *_: jnp.float32(0), hc, tc, mc), None
 
     shape = (-1, chunk)
     total, _ = jax.lax.scan(body, jnp.float32(0), (h.reshape(-1, chunk, h.shape[-1]), t.reshape(shape),
