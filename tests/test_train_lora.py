@@ -168,3 +168,24 @@ def test_chunked_loss_equals_the_full_logits_cross_entropy(tiny_hf, tiny_cfg):
     for a, b in zip(got_g, want_g):
         assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()
     np.testing.assert_allclose(float(model.logits(tokens).sum()), float(model.unembed(hidden).sum()), rtol=1e-6)
+
+
+def test_full_mode_trains_bf16_weights_with_float32_adam_state(tiny_hf):
+    import optax
+
+    from train.config import DataConfig, TrainConfig
+
+    cfg = TrainConfig(checkpoint=tiny_hf, mode="full", dtype="bfloat16", data=DataConfig(train=["-"]))
+    state = trainer.split(trainer.build_model(cfg), "full")
+    assert "layers.0.mlp.gate_up_kernel" in state.params  # dense experts, every weight trainable
+    assert {v.dtype for v in state.params.values()} == {jnp.dtype(jnp.bfloat16)}
+    tx = make_optimizer(OptimizerConfig(), 10)
+    opt = jax.eval_shape(tx.init, state.params)
+    moments = optax.tree_utils.tree_get_all_with_path(opt, "mu") + optax.tree_utils.tree_get_all_with_path(opt, "nu")
+    assert len(moments) == 2
+    for _, tree in moments:
+        assert tree.keys() == state.params.keys()
+        assert {v.dtype for v in tree.values()} == {jnp.dtype(jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.ones(p.shape, p.dtype), state.params)
+    updates, _ = tx.update(grads, tx.init(state.params), state.params)
+    assert {v.dtype for v in updates.values()} == {jnp.dtype(jnp.bfloat16)}
