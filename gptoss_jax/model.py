@@ -28,8 +28,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, cache: LayerCache | None = None):
-        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache)
+    def __call__(self, x, cos, sin, positions, cache: LayerCache | None = None, segment_ids=None):
+        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache, segment_ids)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -56,8 +56,12 @@ class GptOss(nnx.Module):
         self.unembedding = param((0.02 * jax.random.normal(rngs.params(), (v, h))).astype(dtype), ("vocab", "embed"))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      cache: list[LayerCache] | None = None) -> tuple[jax.Array, list[LayerCache] | None]:
-        """tokens [B, T] int32, positions [B, T] (default 0..T-1; < 0 = padding) -> final-normed [B, T, H]."""
+                      cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None
+                      ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """tokens [B, T] int32, positions [B, T] (default 0..T-1; < 0 = padding) -> final-normed [B, T, H].
+
+        ``segment_ids`` [B, T]: packed samples (positions restart per sample); attention stays within a segment.
+        """
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -65,7 +69,7 @@ class GptOss(nnx.Module):
         cos, sin = rope_tables(jnp.maximum(positions, 0), self.config)
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.layers):
-            x, c = block(x, cos, sin, positions, None if cache is None else cache[i])
+            x, c = block(x, cos, sin, positions, None if cache is None else cache[i], segment_ids)
             x = self._boundary(x)
             if cache is not None:
                 new_cache.append(c if self.layout is None else self.layout.cache(c))
@@ -82,9 +86,10 @@ class GptOss(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 cache: list[LayerCache] | None = None) -> tuple[jax.Array, list[LayerCache] | None]:
+                 cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, list[LayerCache] | None]:
         """tokens [B, T] -> (float32 logits [B, T, V], updated cache or None)."""
-        x, cache = self.hidden_states(tokens, positions, cache)
+        x, cache = self.hidden_states(tokens, positions, cache, segment_ids)
         return self.unembed(x), cache
 
     def init_cache(self, batch: int, context: int) -> list[LayerCache]:

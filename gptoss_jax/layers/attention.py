@@ -4,7 +4,8 @@ Query head ``h`` uses KV head ``h // (num_heads / num_kv_heads)``. Each head has
 logit that joins the softmax denominator only: ``p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))``.
 Key ``j`` is visible to query ``i`` iff ``k_pos[j] >= 0``, ``k_pos[j] <= q_pos[i]`` and, for a window
 ``w > 0``, ``k_pos[j] > q_pos[i] - w`` (the window counts the query's own position).
-Positions < 0 mark padding or empty cache slots.
+Positions < 0 mark padding or empty cache slots. Optional segment ids (packed training sequences)
+additionally require ``q_seg[i] == k_seg[j]``, so packed samples never attend to each other.
 """
 from __future__ import annotations
 
@@ -15,23 +16,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.layers.common import dense, param, precision_for
+from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
 from gptoss_jax.layers.rope import apply_rope
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.Array:
-    """[B, Tq, Tk] bool: which keys each query may see (causal, valid, inside the window)."""
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int, q_seg: jax.Array | None = None,
+                   k_seg: jax.Array | None = None) -> jax.Array:
+    """[B, Tq, Tk] bool: which keys each query may see (causal, valid, inside the window, same segment)."""
     q = q_pos[:, :, None]
     k = k_pos[:, None, :]
     mask = (k >= 0) & (q >= 0) & (k <= q)
     if window > 0:
         mask &= k > q - window
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
     return mask
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos: jax.Array,
-              k_pos: jax.Array, window: int) -> jax.Array:
+              k_pos: jax.Array, window: int, q_seg: jax.Array | None = None,
+              k_seg: jax.Array | None = None) -> jax.Array:
     """Softmax attention with sinks. q [B,Tq,nq,D], k/v [B,Tk,nkv,D], sinks [nq] -> [B,Tq,nq,D].
 
     Scores, sinks and softmax are float32; the weighted sum of values accumulates in float32.
@@ -43,7 +48,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos:
     qg = q.reshape(b, tq, nkv, g, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(1.0 / math.sqrt(d))
-    mask = attention_mask(q_pos, k_pos, window)[:, None, None, :, :]
+    mask = attention_mask(q_pos, k_pos, window, q_seg, k_seg)[:, None, None, :, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nkv, g, 1, 1), (b, nkv, g, tq, 1))
     probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
@@ -57,7 +62,15 @@ class Attention(nnx.Module):
 
     Parameters: ``q_kernel`` [H, nq, D], ``k_kernel``/``v_kernel`` [H, nkv, D], their biases,
     ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq].
+
+    Optional LoRA adapters (attached by ``train.lora.add_lora``) on projection ``p`` in q/k/v/o:
+    ``{p}_lora_a`` [in..., r], ``{p}_lora_b`` [r, out...] (``nnx.LoRAParam``), scaled by ``lora_scale``;
+    ``lora_dropout`` (rate) applies while a ``lora_key`` variable is set (training).
     """
+
+    #: LoRA einsum specs per projection: x -> rank r, rank r -> output.
+    LORA_SPECS = {"q": ("bth,hr->btr", "btr,rnd->btnd"), "k": ("bth,hr->btr", "btr,rnd->btnd"),
+                  "v": ("bth,hr->btr", "btr,rnd->btnd"), "o": ("btnd,ndr->btr", "btr,rh->bth")}
 
     def __init__(self, cfg: GptOssConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window(layer)
@@ -76,12 +89,29 @@ class Attention(nnx.Module):
         self.o_bias = normal((h,), ("embed",))
         self.sinks = normal((nq,), ("heads",), std=1.0)
 
+    def _project(self, name: str, x: jax.Array, spec: str) -> jax.Array:
+        """Projection ``name`` with its bias and, when attached, its LoRA update."""
+        delta = None
+        if hasattr(self, f"{name}_lora_a"):
+            key = self.lora_key[...] if getattr(self, "lora_key", None) is not None else None
+            key = None if key is None else jax.random.fold_in(key, "qkvo".index(name))
+            delta = lora_delta(x, getattr(self, f"{name}_lora_a")[...],
+                               getattr(self, f"{name}_lora_b")[...] * self.lora_scale,
+                               *self.LORA_SPECS[name], key, self.lora_dropout)
+        return dense(x, getattr(self, f"{name}_kernel")[...], spec, getattr(self, f"{name}_bias")[...], delta)
+
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """x [B, T, H], cos/sin [B, T, D/2], positions [B, T] -> ([B, T, H], updated cache)."""
-        q = apply_rope(dense(x, self.q_kernel[...], "bth,hnd->btnd", self.q_bias[...]), cos, sin)
-        k = apply_rope(dense(x, self.k_kernel[...], "bth,hnd->btnd", self.k_bias[...]), cos, sin)
-        v = dense(x, self.v_kernel[...], "bth,hnd->btnd", self.v_bias[...])
+                 cache: LayerCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, H], cos/sin [B, T, D/2], positions [B, T] -> ([B, T, H], updated cache).
+
+        ``segment_ids`` [B, T] (packed training sequences, no cache): tokens attend within their segment.
+        """
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids are for packed training sequences and cannot be used with a cache")
+        q = apply_rope(self._project("q", x, "bth,hnd->btnd"), cos, sin)
+        k = apply_rope(self._project("k", x, "bth,hnd->btnd"), cos, sin)
+        v = self._project("v", x, "bth,hnd->btnd")
         if cache is None:
             keys, values, k_pos = k, v, positions
         else:  # attend to what the cache held before this chunk, plus the chunk itself
@@ -89,5 +119,5 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = update_cache(cache, k, v, positions)
-        out = attention(q, keys, values, self.sinks[...], positions, k_pos, self.window)
-        return dense(out, self.o_kernel[...], "btnd,ndh->bth", self.o_bias[...]), cache
+        out = attention(q, keys, values, self.sinks[...], positions, k_pos, self.window, segment_ids, segment_ids)
+        return self._project("o", out, "btnd,ndh->bth"), cache

@@ -24,10 +24,36 @@ def precision_for(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None) -> jax.Array:
-    """``einsum(spec, x, w) (+ bias)`` in x's dtype with float32 accumulation."""
+def dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None,
+          delta: jax.Array | None = None) -> jax.Array:
+    """``einsum(spec, x, w) (+ delta) (+ bias)`` in x's dtype with float32 accumulation.
+
+    ``delta``: a float32 term added before rounding (a LoRA update, see :func:`lora_delta`).
+    """
     y = jnp.einsum(spec, x, w.astype(x.dtype), precision=precision_for(x.dtype),
                    preferred_element_type=jnp.float32)
+    if delta is not None:
+        y = y + delta
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def dropout(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
+    """Inverted dropout (identity when ``key`` is None or ``rate`` is 0)."""
+    if key is None or not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, spec_a: str, spec_b: str,
+               dropout_key: jax.Array | None = None, rate: float = 0.0) -> jax.Array:
+    """LoRA update ``(dropout(x) A) B`` as float32 (``b`` carries the alpha/rank scale).
+
+    ``spec_a`` contracts x with A ``[in..., r]``, ``spec_b`` the rank-r result with B ``[r, out...]``.
+    """
+    prec = precision_for(x.dtype)
+    h = jnp.einsum(spec_a, dropout(x, dropout_key, rate), a.astype(x.dtype), precision=prec,
+                   preferred_element_type=jnp.float32).astype(x.dtype)
+    return jnp.einsum(spec_b, h, b.astype(x.dtype), precision=prec, preferred_element_type=jnp.float32)

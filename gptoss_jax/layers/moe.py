@@ -11,6 +11,10 @@ Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*
 - gather (few tokens, e.g. decode): fetch only the k selected experts of each token;
 - grouped (many tokens): sort assignments by expert and run a block-grouped matmul.
 Neither computes an expert for a token that did not select it.
+
+Optional per-expert LoRA adapters ride in the same experts dict with a leading expert axis:
+``{name}_lora_a`` [E, in, r] and ``{name}_lora_b`` [E, r, out] (already scaled by alpha/r); each
+row adds ``(x A_e) B_e`` for its own expert e inside the same gather / grouped path.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.layers.common import dense, param, precision_for
+from gptoss_jax.layers.common import dense, dropout, param, precision_for
 
 PACKED = "mxfp4"
 DENSE = "dense"
@@ -60,10 +64,25 @@ def _expert_weight(experts: dict, name: str, ids: jax.Array | None, dtype) -> ja
     return jnp.swapaxes(w, -1, -2).astype(dtype)
 
 
-def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array) -> jax.Array:
-    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ bias)."""
+def _lora_input(x: jax.Array, name: str, lora_dropout) -> jax.Array:
+    """The LoRA branch's input: x with dropout when ``lora_dropout`` = (key, rate) is given."""
+    if lora_dropout is None:
+        return x
+    key, rate = lora_dropout
+    return dropout(x, jax.random.fold_in(key, name == "down"), rate)
+
+
+def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array, lora_dropout=None) -> jax.Array:
+    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ LoRA, + bias)."""
     w = _expert_weight(experts, name, ids, x.dtype)  # [M, out, in]
-    y = jnp.einsum("mi,moi->mo", x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
+    prec = precision_for(x.dtype)
+    y = jnp.einsum("mi,moi->mo", x, w, precision=prec, preferred_element_type=jnp.float32)
+    if f"{name}_lora_a" in experts:  # A [E, in, r], B [E, r, out] of each row's own expert
+        a = take_experts(experts[f"{name}_lora_a"], ids).astype(x.dtype)
+        b = take_experts(experts[f"{name}_lora_b"], ids).astype(x.dtype)
+        h = jnp.einsum("mi,mir->mr", _lora_input(x, name, lora_dropout), a, precision=prec,
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+        y = y + jnp.einsum("mr,mro->mo", h, b, precision=prec, preferred_element_type=jnp.float32)
     return (y + take_experts(experts[f"{name}_bias"], ids).astype(jnp.float32)).astype(x.dtype)
 
 
@@ -74,14 +93,14 @@ def _block_size(rows: int, num_experts: int) -> int:
 
 
 def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
-                     group_sizes: jax.Array) -> jax.Array:
-    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ bias).
+                     group_sizes: jax.Array, lora_dropout=None) -> jax.Array:
+    """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ LoRA, + bias).
 
     A grouped matmul that touches each expert only for its own rows: every expert's group is padded
     to whole blocks, and a scan runs one [block, in] x [in, out] product per block with that
-    block's expert weights (decoded from MXFP4 per block). Blocks past the last group are skipped.
-    (jax.lax.ragged_dot lowers to a dense masked product over all experts on CPU, which would
-    compute every expert for every row.)
+    block's expert weights (decoded from MXFP4 per block, plus that expert's LoRA adapters).
+    Blocks past the last group are skipped. (jax.lax.ragged_dot lowers to a dense masked product
+    over all experts on CPU, which would compute every expert for every row.)
     """
     m, d_in = x.shape
     e = group_sizes.shape[0]
@@ -92,31 +111,44 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     padded_end = jnp.cumsum(padded)
     dest = (padded_end - padded)[sorted_ids] + jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_ids]
     dest = jnp.where(sorted_ids < e, dest, num_blocks * bsz)  # empty slots (id E) go to no block
-    xb = jnp.zeros((num_blocks * bsz, d_in), x.dtype).at[dest].set(x, mode="drop").reshape(num_blocks, bsz, d_in)
+
+    def to_blocks(rows):
+        return jnp.zeros((num_blocks * bsz, d_in), x.dtype).at[dest].set(rows, mode="drop").reshape(num_blocks, bsz, d_in)
+
+    lora = f"{name}_lora_a" in experts
+    xb = to_blocks(x)
+    xl = to_blocks(_lora_input(x, name, lora_dropout)) if lora else xb
     block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
     prec = precision_for(x.dtype)
 
     def block(_, args):
-        rows, eid = args
+        rows, lora_rows, eid = args
 
         def compute(_):
             w = _expert_weight(experts, name, eid, x.dtype)  # [out, in] of one expert
-            return jnp.einsum("bi,oi->bo", rows, w, precision=prec, preferred_element_type=jnp.float32)
+            y = jnp.einsum("bi,oi->bo", rows, w, precision=prec, preferred_element_type=jnp.float32)
+            if lora:
+                a = experts[f"{name}_lora_a"][eid].astype(x.dtype)
+                b = experts[f"{name}_lora_b"][eid].astype(x.dtype)
+                h = jnp.einsum("bi,ir->br", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
+                y = y + jnp.einsum("br,ro->bo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
+            return y
 
         return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
 
-    _, y = jax.lax.scan(block, None, (xb, jnp.minimum(block_expert, e)))
+    _, y = jax.lax.scan(block, None, (xb, xl, jnp.minimum(block_expert, e)))
     y = jnp.take(y.reshape(num_blocks * bsz, d_out), dest, axis=0, mode="fill", fill_value=0)
     return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
 
 def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
-                    alpha: float, limit: float, path: str | None = None) -> jax.Array:
+                    alpha: float, limit: float, path: str | None = None, lora_dropout=None) -> jax.Array:
     """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x) [N, H].
 
     ``path``: 'gather' or 'grouped' (default: gather when N*k <= num_experts). An id equal to
     ``num_experts`` is an empty slot: no expert, zero output (expert parallelism marks assignments to
     experts held by other devices so); per-expert leaves are read through ``take_experts``.
+    ``lora_dropout``: (key, rate) for the LoRA adapters' inputs while training, else None.
     """
     n, k = ids.shape
     if path is None:
@@ -124,15 +156,15 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     flat = ids.reshape(-1)
     if path == "gather":
         xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
-        h = swiglu(_project_gathered(xs, experts, "gate_up", flat), alpha, limit)
-        y = _project_gathered(h, experts, "down", flat)
+        h = swiglu(_project_gathered(xs, experts, "gate_up", flat, lora_dropout), alpha, limit)
+        y = _project_gathered(h, experts, "down", flat, lora_dropout)
     elif path == "grouped":
         order = jnp.argsort(flat, stable=True)
         sorted_ids = flat[order]
         group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes), alpha, limit)
-        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes)
+        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout), alpha, limit)
+        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     else:
         raise ValueError(f"unknown expert path {path!r}")
@@ -146,6 +178,9 @@ class MoE(nnx.Module):
     Packed experts: ``gate_up_blocks`` [E, 2I, H/32, 16], ``gate_up_scales`` [E, 2I, H/32],
     ``down_blocks`` [E, H, I/32, 16], ``down_scales`` [E, H, I/32]; dense experts: ``gate_up_kernel``
     [E, H, 2I], ``down_kernel`` [E, I, H]. Biases ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H].
+    Optional per-expert LoRA (attached by ``train.lora.add_lora``): ``gate_up_lora_a`` [E, H, r],
+    ``gate_up_lora_b`` [E, r, 2I], ``down_lora_a`` [E, I, r], ``down_lora_b`` [E, r, H], ``lora_scale``,
+    ``lora_dropout`` (rate, applied while a ``lora_key`` variable is set).
     """
 
     def __init__(self, cfg: GptOssConfig, *, dtype, experts: str = PACKED, rngs: nnx.Rngs):
@@ -182,13 +217,23 @@ class MoE(nnx.Module):
     def expert_weights(self) -> dict:
         names = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales") if self.expert_format == PACKED \
             else ("gate_up_kernel", "down_kernel")
-        return {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
+        out = {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
+        for name in ("gate_up", "down"):
+            if hasattr(self, f"{name}_lora_a"):
+                out[f"{name}_lora_a"] = getattr(self, f"{name}_lora_a")[...]
+                out[f"{name}_lora_b"] = getattr(self, f"{name}_lora_b")[...] * self.lora_scale
+        return out
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, H] -> [B, T, H]."""
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         weights, ids = router(flat, self.router_kernel[...], self.router_bias[...], self.top_k)
+        key = getattr(self, "lora_key", None)
+        lora_dropout = None if key is None else (key[...], self.lora_dropout)
         args = (flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
-        y = experts_forward(*args) if self.layout is None else self.layout.experts_forward(*args, batch=b)
+        if self.layout is None:
+            y = experts_forward(*args, lora_dropout=lora_dropout)
+        else:
+            y = self.layout.experts_forward(*args, batch=b, lora_dropout=lora_dropout)
         return y.reshape(b, t, h)

@@ -76,7 +76,8 @@ def local_assignments(ids: jax.Array, weights: jax.Array, per_shard: int, shard:
     return jnp.where(mine, local, per_shard), jnp.where(mine, weights, jnp.zeros_like(weights))
 
 
-def _replicate_and_reduce(x, ids, weights, experts, *, per_shard, expert_axes, gather_axes, alpha, limit, path):
+def _replicate_and_reduce(x, ids, weights, experts, *, per_shard, expert_axes, gather_axes, alpha, limit, path,
+                          lora_dropout=None):
     """Body. Tokens split over ``gather_axes`` (a subset of ``expert_axes``) are all-gathered; each device
     runs its local experts on the tokens routed to them; partial outputs are summed over the expert
     axes (reduce-scattered back over ``gather_axes``, all-reduced over the others)."""
@@ -84,14 +85,14 @@ def _replicate_and_reduce(x, ids, weights, experts, *, per_shard, expert_axes, g
         x, ids, weights = (jax.lax.all_gather(a, gather_axes, axis=0, tiled=True) for a in (x, ids, weights))
     if expert_axes:
         ids, weights = local_assignments(ids, weights, per_shard, jax.lax.axis_index(expert_axes))
-    y = experts_forward(x, ids, weights, experts, per_shard, alpha, limit, path)
+    y = experts_forward(x, ids, weights, experts, per_shard, alpha, limit, path, lora_dropout)
     if gather_axes:
         y = jax.lax.psum_scatter(y, gather_axes, scatter_dimension=0, tiled=True)
     rest = tuple(a for a in expert_axes if a not in gather_axes)
     return jax.lax.psum(y, rest) if rest else y
 
 
-def _all_to_all(x, ids, weights, experts, *, per_shard, shards, expert_axes, alpha, limit, path):
+def _all_to_all(x, ids, weights, experts, *, per_shard, shards, expert_axes, alpha, limit, path, lora_dropout=None):
     """Body. Tokens split over every expert axis; each (token, expert) assignment is sent to the device
     holding the expert, computed there and sent back. Exact with static shapes: each destination has room
     for every assignment of this device's tokens that could go there (N * min(k, E/n) rows)."""
@@ -105,17 +106,19 @@ def _all_to_all(x, ids, weights, experts, *, per_shard, shards, expert_axes, alp
     send_ids = jnp.full((n, capacity), per_shard, jnp.int32).at[dest, slot].set(flat % per_shard)
     exchange = functools.partial(jax.lax.all_to_all, axis_name=expert_axes, split_axis=0, concat_axis=0, tiled=True)
     rows, row_ids = exchange(send).reshape(n * capacity, h), exchange(send_ids).reshape(n * capacity, 1)
-    out = experts_forward(rows, row_ids, jnp.ones_like(row_ids, x.dtype), experts, per_shard, alpha, limit, path)
+    out = experts_forward(rows, row_ids, jnp.ones_like(row_ids, x.dtype), experts, per_shard, alpha, limit, path,
+                          lora_dropout)
     back = exchange(out.reshape(n, capacity, h))[dest, slot].reshape(tokens, k, h)
     return jnp.einsum("nkh,nk->nh", back.astype(jnp.float32), weights.astype(jnp.float32)).astype(x.dtype)
 
 
 def expert_parallel_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
                             alpha: float, limit: float, *, mesh: Mesh, expert_axes: tuple[str, ...],
-                            token_axes: tuple[str, ...], scheme: str = REDUCE, path: str | None = None) -> jax.Array:
+                            token_axes: tuple[str, ...], scheme: str = REDUCE, path: str | None = None,
+                            lora_dropout=None) -> jax.Array:
     """``experts_forward`` on a mesh. x [N, H], ids/weights [N, k] with N split over ``token_axes``;
     every leaf of ``experts`` with a leading axis of size ``num_experts`` is split over ``expert_axes``
-    (others replicated) -> [N, H] split like x."""
+    (others replicated) -> [N, H] split like x. ``lora_dropout`` = (key, rate): the key is replicated."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown expert-parallel scheme {scheme!r}; choose one of {SCHEMES}")
     shards = math.prod(mesh.shape[a] for a in expert_axes)
@@ -135,5 +138,10 @@ def expert_parallel_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, ex
     # check_vma=False: the grouped matmul's lax.cond skips padding blocks with an invariant zero branch,
     # which the varying-axes type check rejects; values and gradients are checked against one device
     # (tests/test_sharding.py).
-    return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_specs),
-                         out_specs=tokens, check_vma=False)(x, ids, weights, experts)
+    if lora_dropout is None:
+        return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, expert_specs),
+                             out_specs=tokens, check_vma=False)(x, ids, weights, experts)
+    key, rate = lora_dropout
+    return jax.shard_map(lambda x, i, w, e, k: body(x, i, w, e, lora_dropout=(k, rate)), mesh=mesh,
+                         in_specs=(tokens, tokens, tokens, expert_specs, P()), out_specs=tokens,
+                         check_vma=False)(x, ids, weights, experts, key)

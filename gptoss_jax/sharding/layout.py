@@ -63,13 +63,14 @@ class Layout:
         return jax.jit(make, out_shardings=self.cache_shardings(jax.eval_shape(make)))()
 
     def experts_forward(self, x, ids, weights, experts: dict, num_experts: int, alpha: float, limit: float,
-                        batch: int) -> jax.Array:
+                        batch: int, lora_dropout=None) -> jax.Array:
         """``experts_forward`` for tokens x [N = batch * T, H] whose batch is split as :meth:`residual` says."""
         if self.mesh.size == 1:
-            return experts_forward(x, ids, weights, experts, num_experts, alpha, limit)
+            return experts_forward(x, ids, weights, experts, num_experts, alpha, limit, lora_dropout=lora_dropout)
         return expert_parallel_forward(x, ids, weights, experts, num_experts, alpha, limit, mesh=self.mesh,
                                        expert_axes=self.axes("experts", num_experts),
-                                       token_axes=self.axes("batch", batch), scheme=self.moe_scheme)
+                                       token_axes=self.axes("batch", batch), scheme=self.moe_scheme,
+                                       lora_dropout=lora_dropout)
 
 
 def _place(value, sharding: NamedSharding):

@@ -1,0 +1,6 @@
+"""``python -m train CONFIG [overrides]``."""
+import sys
+
+from train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,75 @@
+"""Training checkpoints with Orbax's CheckpointManager.
+
+One step's checkpoint holds ``params`` (the trainable parameters only: adapters in lora mode),
+``opt_state`` (optax), and ``meta`` (JSON: step, data position, RNG key, and what is needed to
+rebuild the model for merging: base checkpoint, mode, dtype, LoRA settings). Orbax writes each step
+into a temporary folder and renames it when complete, so a killed run leaves only whole checkpoints;
+``max_to_keep`` prunes old ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """``directory``/<step>/{params, opt_state, meta}."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = None):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("params", "opt_state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params, opt_state, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self._step(step)
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, step: int | None, params_like, opt_state_like=None):
+        """-> (params, opt_state or None, meta). ``*_like``: arrays or ShapeDtypeStructs (with shardings)
+        giving the structure and placement to restore into."""
+        step = self._step(step)
+        items = {"params": ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
+        if opt_state_like is not None:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
+        got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return got["params"], got.get("opt_state") if opt_state_like is not None else None, got["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def _step(self, step: int | None) -> int:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} (have {self.all_steps()})")
+        return step
+
+
+def _abstract(tree):
+    def one(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, tree)
