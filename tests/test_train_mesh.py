@@ -16,7 +16,8 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from train import data, lora, trainer
 from train.config import DataConfig, LoraConfig, TrainConfig
-from train.mesh import batch_sharding, mesh_from_spec
+from train.mesh import batch_sharding
+from gptoss_jax.sharding import mesh_from_spec
 import optax
 
 ckpt, mode, specs = sys.argv[1], sys.argv[2], sys.argv[3].split(";")
@@ -30,7 +31,7 @@ cfg = TrainConfig(checkpoint=ckpt, mode=mode, dtype="float32", data=DataConfig(t
                   lora=LoraConfig(rank=4, alpha=8.0))
 out = {}
 for spec in specs:
-    mesh = mesh_from_spec(spec)
+    mesh = mesh_from_spec(spec) if spec else None
     model = trainer.build_model(cfg, mesh)
     if mode == "lora":  # non-zero B so that every adapter gets a gradient
         for m, names in lora.lora_modules(model):

@@ -48,14 +48,13 @@ def parse_overrides(sets: list[str], rest: list[str]) -> list[tuple[str, object]
 
 def run(args: argparse.Namespace) -> int:
     from train.data import DataError
-    from train.mesh import MeshError
     from train.trainer import TrainingError, train
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
     try:
         cfg = load(args.config, parse_overrides(args.set, args.overrides))
         summary = train(cfg)
-    except (TrainConfigError, DataError, MeshError, TrainingError) as e:
+    except (TrainConfigError, DataError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"final loss {summary['final_loss']}; metrics {summary['metrics']}; loss curve {summary['loss_png']}; "

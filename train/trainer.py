@@ -110,7 +110,10 @@ def train(cfg: TrainConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "train_config.json"), "w") as f:
         json.dump(cfg.to_dict(), f, indent=2)
-    mesh = mesh_from_spec(cfg.mesh) if cfg.mesh else None
+    try:
+        mesh = mesh_from_spec(cfg.mesh) if cfg.mesh else None
+    except ValueError as e:
+        raise TrainingError(f"field 'mesh': {e}") from None
     if mesh is not None and cfg.batch_size % mesh.shape.get("data", 1):
         raise TrainingError(f"field 'batch_size' ({cfg.batch_size}) must be a multiple of the mesh's data axis "
                             f"({mesh.shape['data']})")
