@@ -109,8 +109,8 @@ class ChatFormat:
     """Harmony rendering and parsing for gpt-oss (one per process; cheap to share across threads)."""
 
     def __init__(self, vocab: str | os.PathLike | None = None):
+        self.tokenizer = load_tokenizer(vocab)  # first: a tiktoken download lands in its cache, found next
         self.encoding = load_encoding(vocab)
-        self.tokenizer = load_tokenizer(vocab)
 
     def conversation(self, messages: list[dict], *, tools: list[dict] | None = None,
                      reasoning_effort: str = "medium", date: str | datetime.date | None = None,

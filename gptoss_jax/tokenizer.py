@@ -106,7 +106,11 @@ def read_vocab(path: str) -> dict[bytes, int]:
 @functools.lru_cache(maxsize=4)
 def _load(path: str | None) -> tiktoken.Encoding:
     if path is None:
-        base = tiktoken.get_encoding("o200k_base")  # tiktoken's own cache or download
+        try:
+            base = tiktoken.get_encoding("o200k_base")  # tiktoken's own cache or download
+        except Exception as e:  # noqa: BLE001 - offline: say how to give the file instead
+            raise VocabError(f"could not download o200k_base ({type(e).__name__}: {e}); offline, set ${VOCAB_ENV} "
+                             f"to a local {VOCAB_FILENAME} (SHA-256 {O200K_SHA256})") from e
         ranks, pattern = base._mergeable_ranks, base._pat_str
     else:
         ranks, pattern = read_vocab(path), O200K_PATTERN
