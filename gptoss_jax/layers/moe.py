@@ -8,7 +8,8 @@ then ``down``; per-expert biases on both. Outputs are summed with the router wei
 Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*_scales`` u8
 [E, out, in/32], the checkpoint's own layout) decoded inside the computation, or dense ``*_kernel``
 [E, in, out]. Two execution paths, picked by static shapes:
-- gather (few tokens, e.g. decode): fetch only the k selected experts of each token;
+- gather (few tokens, e.g. decode): read only the k selected experts of each token (packed experts
+  stay packed: decoded inside the matrix-vector product);
 - grouped (many tokens): sort assignments by expert and run ``jax.lax.ragged_dot``.
 Neither computes an expert for a token that did not select it.
 """
@@ -20,7 +21,7 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.layers.common import dense, param, precision_for
+from gptoss_jax.layers.common import dense, matmul, param, precision_for
 
 PACKED = "mxfp4"
 DENSE = "dense"
@@ -43,29 +44,37 @@ def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
     return (gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)).astype(gate_up.dtype)
 
 
-def _expert_weight(experts: dict, name: str, ids: jax.Array | None, dtype) -> jax.Array:
-    """Weights of ``name`` ('gate_up' | 'down') for expert ``ids`` (all when None), as [.., out, in]."""
+def _all_expert_weights(experts: dict, name: str, dtype) -> jax.Array:
+    """Weights of ``name`` ('gate_up' | 'down') for every expert, as [E, out, in]."""
     if f"{name}_blocks" in experts:
-        blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
-        if ids is not None:
-            blocks, scales = blocks[ids], scales[ids]
-        return mxfp4.unpack(blocks, scales, dtype)
-    w = experts[f"{name}_kernel"]
-    w = w if ids is None else w[ids]
-    return jnp.swapaxes(w, -1, -2).astype(dtype)
+        return mxfp4.unpack(experts[f"{name}_blocks"], experts[f"{name}_scales"], dtype)
+    return jnp.swapaxes(experts[f"{name}_kernel"], -1, -2).astype(dtype)
 
 
 def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array) -> jax.Array:
-    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ bias)."""
-    w = _expert_weight(experts, name, ids, x.dtype)  # [M, out, in]
-    y = jnp.einsum("mi,moi->mo", x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
-    return (y + experts[f"{name}_bias"][ids].astype(jnp.float32)).astype(x.dtype)
+    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ bias).
+
+    One dynamic slice per row reads only that expert; packed weights go through
+    :func:`mxfp4.matvec`, which reads them once, packed (nothing is unpacked into memory).
+    """
+    packed = f"{name}_blocks" in experts
+    rows = []
+    for m in range(x.shape[0]):
+        def pick(a, m=m):
+            return jax.lax.dynamic_index_in_dim(a, ids[m], keepdims=False)
+
+        if packed:
+            y = mxfp4.matvec(x[m], pick(experts[f"{name}_blocks"]), pick(experts[f"{name}_scales"]))
+        else:
+            y = matmul(x[m:m + 1], pick(experts[f"{name}_kernel"]), "mi,io->mo")[0]
+        rows.append(y + pick(experts[f"{name}_bias"]).astype(jnp.float32))
+    return jnp.stack(rows).astype(x.dtype)
 
 
 def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
                      group_sizes: jax.Array) -> jax.Array:
     """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ bias), via ragged_dot."""
-    w = _expert_weight(experts, name, None, x.dtype)  # [E, out, in]
+    w = _all_expert_weights(experts, name, x.dtype)  # [E, out, in]
     dims = jax.lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=(0,))
     y = jax.lax.ragged_dot_general(x, w, group_sizes, dims, precision=precision_for(x.dtype),
