@@ -13,10 +13,12 @@ message is authored by ``functions.NAME`` and addressed to the assistant.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import functools
 import os
+import shutil
 import tempfile
 import uuid
 
@@ -25,8 +27,9 @@ import openai_harmony as oh
 from gptoss_jax.tokenizer import VOCAB_FILENAME, TextStream, find_vocab, load_tokenizer, read_vocab
 
 REASONING_EFFORTS = ("low", "medium", "high")
-#: header tokens after which output that never opened a message is taken for plain text
-MAX_HEADER_TOKENS = 64
+#: header tokens after which output that never opened a message is taken for plain text (real headers,
+#: e.g. ' to=functions.get_weather<|channel|>commentary <|constrain|>json', take about a dozen)
+MAX_HEADER_TOKENS = 32
 
 
 class ChatFormatError(ValueError):
@@ -41,6 +44,7 @@ def _encoding(path: str | None) -> oh.HarmonyEncoding:
         if os.path.basename(path) != VOCAB_FILENAME:  # openai-harmony wants <folder>/o200k_base.tiktoken
             folder = tempfile.mkdtemp(prefix="gptoss-vocab-")
             os.symlink(os.path.abspath(path), os.path.join(folder, VOCAB_FILENAME))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
         os.environ["TIKTOKEN_ENCODINGS_BASE"] = folder
     return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
 

@@ -155,6 +155,8 @@ def test_sixteen_concurrent_clients(client, server):
     after = wait_idle(server)
     assert after["completed"] - before["completed"] == 16
     assert after["cancelled"] == before["cancelled"]
+    # they shared the batch: requests joined while others were decoding
+    assert after["engine"]["admitted_while_decoding"] > before["engine"].get("admitted_while_decoding", 0)
 
 
 def raw_post(server, body: bytes, key: str | None = KEY):

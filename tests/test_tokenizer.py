@@ -84,6 +84,8 @@ def test_tiktoken_cache_route(tiktoken_cache, ours):
     via_tiktoken = tk._load(None)
     assert via_tiktoken._mergeable_ranks == ours._mergeable_ranks
     assert via_tiktoken.encode(CORPUS[7], allowed_special="all") == ours.encode(CORPUS[7], allowed_special="all")
+    harmony = load_encoding()  # openai-harmony gets tiktoken's cached file too (under the name it expects)
+    assert harmony.encode(CORPUS[1]) == ours.encode(CORPUS[1])
 
 
 def test_env_var_and_folder(monkeypatch, o200k_path, ours):
