@@ -68,6 +68,13 @@ def plan_chunks(length: int, prefill_chunk: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def empty_state(cfg, max_batch: int, context: int, dtype) -> DecodeState:
+    """Idle slots and empty caches (``jax.eval_shape`` it for abstract lowering)."""
+    b = max_batch
+    slots = Slots(jnp.zeros(b, jnp.int32), jnp.full(b, -1, jnp.int32), jnp.zeros(b, jnp.int32), SlotSampling.empty(b))
+    return DecodeState(init_cache(cfg, b, context, dtype), slots)
+
+
 @functools.cache
 def compiler_options() -> dict[str, str] | None:
     """XLA:CPU only: keep YNNPACK fusions for dots (bf16 matmuls stay bf16) but not for reductions,
@@ -97,17 +104,11 @@ class Runner:
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
         self.return_logits = return_logits
-        self.state = self.empty_state()
-
-    def empty_state(self) -> DecodeState:
-        b = self.max_batch
-        slots = Slots(jnp.zeros(b, jnp.int32), jnp.full(b, -1, jnp.int32), jnp.zeros(b, jnp.int32),
-                      SlotSampling.empty(b))
-        return DecodeState(init_cache(self.config, b, self.context, self.dtype), slots)
+        self.reset()
 
     def reset(self) -> None:
         """Fresh state (after a failed step, whose donated inputs may be gone)."""
-        self.state = self.empty_state()
+        self.state = empty_state(self.config, self.max_batch, self.context, self.dtype)
 
     def prefill(self, slot: int, tokens, start: int, bucket: int, sampling: SlotSampling) -> jax.Array:
         """Run ``tokens`` (one chunk, at most ``bucket`` ids) of a prompt at positions start.. on ``slot``;

@@ -10,7 +10,8 @@ Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*
 [E, in, out]. Two execution paths, picked by static shapes:
 - gather (few tokens, e.g. decode): read only the k selected experts of each token (packed experts
   stay packed: decoded inside the matrix-vector product);
-- grouped (many tokens): sort assignments by expert and run ``jax.lax.ragged_dot``.
+- grouped (many tokens): sort assignments by expert and run ``jax.lax.ragged_dot`` (on CPU, whose
+  ragged_dot is dense over all experts, a scan over one-expert tiles of rows instead).
 Neither computes an expert for a token that did not select it.
 """
 from __future__ import annotations
@@ -82,6 +83,51 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     return (y + experts[f"{name}_bias"][sorted_ids].astype(jnp.float32)).astype(x.dtype)
 
 
+def _project_tiled(x: jax.Array, experts: dict, name: str, group_sizes: jax.Array) -> jax.Array:
+    """:func:`_project_grouped` without ragged_dot, whose XLA:CPU lowering multiplies every row by
+    every expert (E times the work): a scan over tiles of rows that each belong to one expert, at
+    most M/tile + E of them, each decoding only its expert's weight. Differentiable."""
+    m, e = x.shape[0], group_sizes.shape[0]
+    tile = int(min(128, max(8, pl2(-(-m // e)))))
+    per_expert = (group_sizes + tile - 1) // tile
+    first = jnp.cumsum(per_expert) - per_expert  # first tile of each expert
+    start = jnp.cumsum(group_sizes) - group_sizes  # first row of each expert
+    j = jnp.arange(-(-m // tile) + e)
+    expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(per_expert), j, side="right"), e - 1)
+    row0 = start[expert] + (j - first[expert]) * tile
+    live = j < jnp.sum(per_expert)
+    rows = jnp.concatenate([x, jnp.zeros((tile, x.shape[1]), x.dtype)])
+    packed = f"{name}_blocks" in experts
+    out = experts[f"{name}_bias"].shape[-1]
+
+    def body(y, t):
+        ex, r0, stop, ok = t
+
+        def compute(y):
+            pick = lambda a: jax.lax.dynamic_index_in_dim(a, ex, keepdims=False)  # noqa: E731
+            xs = jax.lax.dynamic_slice_in_dim(rows, r0, tile)
+            if packed:
+                w = mxfp4.unpack(pick(experts[f"{name}_blocks"]), pick(experts[f"{name}_scales"]), x.dtype)
+                ys = matmul(xs, w, "mi,oi->mo")
+            else:
+                ys = matmul(xs, pick(experts[f"{name}_kernel"]), "mi,io->mo")
+            ys = ys + pick(experts[f"{name}_bias"]).astype(jnp.float32)
+            valid = (r0 + jnp.arange(tile) < stop)[:, None]
+            return jax.lax.dynamic_update_slice_in_dim(
+                y, jnp.where(valid, ys, jax.lax.dynamic_slice_in_dim(y, r0, tile)), r0, 0)
+
+        return jax.lax.cond(ok, compute, lambda y: y, y), None
+
+    y, _ = jax.lax.scan(body, jnp.zeros((m + tile, out), jnp.float32),
+                        (expert, row0, start[expert] + group_sizes[expert], live))
+    return y[:m].astype(x.dtype)
+
+
+def pl2(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
                     alpha: float, limit: float, path: str | None = None) -> jax.Array:
     """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x) [N, H].
@@ -101,8 +147,12 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
         sorted_ids = flat[order]
         group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes), alpha, limit)
-        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes)
+        if jax.default_backend() == "cpu":
+            project = lambda v, name: _project_tiled(v, experts, name, group_sizes)  # noqa: E731
+        else:
+            project = lambda v, name: _project_grouped(v, experts, name, sorted_ids, group_sizes)  # noqa: E731
+        h = swiglu(project(xs, "gate_up"), alpha, limit)
+        y_sorted = project(h, "down")
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     else:
         raise ValueError(f"unknown expert path {path!r}")
