@@ -211,6 +211,36 @@ def test_cancel_frees_the_slot_and_async_streams(engine):
     assert streamed == [f.tokens for f in fills]
 
 
+def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
+    real = engine.runner.decode
+    calls = []
+
+    def flaky(active):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(active)
+
+    monkeypatch.setattr(engine.runner, "decode", flaky)
+    failed = engine.submit(prompt(100, 6), GREEDY)
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.generate([prompt(101, 6)], GREEDY)
+    assert failed.finish_reason == "error" and "device lost" in repr(failed.error)
+    monkeypatch.setattr(engine.runner, "decode", real)
+    assert engine.generate([prompt(102, 6)], GREEDY) == engine.generate([prompt(102, 6)], GREEDY)  # serving again
+
+
+def test_stop_cancels_waiting_and_running_requests(engine):
+    engine.start(warmup=False)
+    running = [engine.submit(prompt(110 + i, 4), SamplingParams(temperature=0.0, max_tokens=300, stop_token_ids=()))
+               for i in range(SLOTS + 2)]
+    next(iter(running[0]))  # the loop is generating
+    engine.stop()
+    assert all(r.finish_reason in ("cancelled", "length") for r in running)
+    assert any(r.finish_reason == "cancelled" and r.completion_tokens == 0 for r in running)  # never admitted
+    assert not any(engine._slots) and not engine._waiting
+
+
 def test_no_recompilation_across_lengths_and_tokens(engine):
     """After warmup, prompts of 11 lengths (1 to 5 chunks, every bucket) and 590 tokens, greedy and
     sampled, compile nothing; the listener itself does see a new compilation."""
