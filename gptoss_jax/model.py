@@ -12,7 +12,7 @@ from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.layers.attention import Attention
-from gptoss_jax.layers.common import param, precision_for
+from gptoss_jax.layers.common import matmul, param
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.layers.moe import PACKED, MoE
 from gptoss_jax.layers.norm import RMSNorm
@@ -81,9 +81,8 @@ class GptOss(nnx.Module):
 
     def unembed(self, x: jax.Array) -> jax.Array:
         """[..., H] -> float32 logits [..., V]."""
-        w = self.unembedding[...]
-        return jnp.einsum("...h,vh->...v", x, w.astype(x.dtype), precision=precision_for(x.dtype),
-                          preferred_element_type=jnp.float32)
+        lead = x.shape[:-1]
+        return matmul(x.reshape(-1, x.shape[-1]), self.unembedding[...], "nh,vh->nv").reshape(*lead, -1)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None

@@ -103,7 +103,7 @@ def test_cached_decode_equals_full_forward(tiny_hf, tokens):
     full = np.asarray(model.logits(tokens))
     b, t = tokens.shape
     cache = model.init_cache(b, context=64)
-    assert cache[0].k.shape[1] == 8 and cache[1].k.shape[1] == 64  # sliding ring vs full context
+    assert cache[0].pos.shape[1] == 8 and cache[1].pos.shape[1] == 64  # sliding ring vs full context
     step = nnx.jit(lambda m, tok, pos, c: m(tok, pos, c))
     out = []
     for start, stop in [(0, 13), *((i, i + 1) for i in range(13, t))]:

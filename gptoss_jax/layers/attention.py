@@ -41,18 +41,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos:
 
     Scores, sinks and softmax are float32; the weighted sum of values accumulates in float32.
     """
+    return attention_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), sinks, q_pos, k_pos, window,
+                              q_seg, k_seg)
+
+
+def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos: jax.Array,
+                       k_pos: jax.Array, window: int, q_seg: jax.Array | None = None,
+                       k_seg: jax.Array | None = None) -> jax.Array:
+    """:func:`attention` with k/v in the cache layout [B, nkv, Tk, D]."""
     b, tq, nq, d = q.shape
-    nkv = k.shape[2]
+    nkv = k.shape[1]
     g = nq // nkv
     prec = precision_for(q.dtype)
     qg = q.reshape(b, tq, nkv, g, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bqkgd,bksd->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(1.0 / math.sqrt(d))
     mask = attention_mask(q_pos, k_pos, window, q_seg, k_seg)[:, None, None, :, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nkv, g, 1, 1), (b, nkv, g, tq, 1))
     probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, precision=prec,
+    out = jnp.einsum("bkgqs,bksd->bqkgd", probs.astype(v.dtype), v, precision=prec,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, tq, nq, d).astype(q.dtype)
 
@@ -89,16 +97,20 @@ class Attention(nnx.Module):
         self.o_bias = normal((h,), ("embed",))
         self.sinks = normal((nq,), ("heads",), std=1.0)
 
+    def _lora(self, name: str, x: jax.Array) -> jax.Array | None:
+        """The float32 LoRA update of projection ``name`` on input ``x``, or None when none is attached."""
+        if not hasattr(self, f"{name}_lora_a"):
+            return None
+        key = self.lora_key[...] if getattr(self, "lora_key", None) is not None else None
+        key = None if key is None else jax.random.fold_in(key, "qkvo".index(name))
+        return lora_delta(x, getattr(self, f"{name}_lora_a")[...],
+                          getattr(self, f"{name}_lora_b")[...] * self.lora_scale,
+                          *self.LORA_SPECS[name], key, self.lora_dropout)
+
     def _project(self, name: str, x: jax.Array, spec: str) -> jax.Array:
-        """Projection ``name`` with its bias and, when attached, its LoRA update."""
-        delta = None
-        if hasattr(self, f"{name}_lora_a"):
-            key = self.lora_key[...] if getattr(self, "lora_key", None) is not None else None
-            key = None if key is None else jax.random.fold_in(key, "qkvo".index(name))
-            delta = lora_delta(x, getattr(self, f"{name}_lora_a")[...],
-                               getattr(self, f"{name}_lora_b")[...] * self.lora_scale,
-                               *self.LORA_SPECS[name], key, self.lora_dropout)
-        return dense(x, getattr(self, f"{name}_kernel")[...], spec, getattr(self, f"{name}_bias")[...], delta)
+        """Projection ``name`` (q, k or v) with its bias and, when attached, its LoRA update."""
+        return dense(x, getattr(self, f"{name}_kernel")[...], spec, getattr(self, f"{name}_bias")[...],
+                     self._lora(name, x))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  cache: LayerCache | None = None, segment_ids: jax.Array | None = None
@@ -113,11 +125,25 @@ class Attention(nnx.Module):
         k = apply_rope(self._project("k", x, "bth,hnd->btnd"), cos, sin)
         v = self._project("v", x, "bth,hnd->btnd")
         if cache is None:
-            keys, values, k_pos = k, v, positions
-        else:  # attend to what the cache held before this chunk, plus the chunk itself
-            keys = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+            out = attention(q, k, v, self.sinks[...], positions, positions, self.window, segment_ids, segment_ids)
+            return self._project_out(out), None
+        if self.window == 0 or x.shape[1] == 1:
+            # A full-context cache, or a ring receiving one token (which only overwrites the position
+            # that just left the window), holds every key the chunk needs once updated: attend to it
+            # in place instead of copying it.
+            cache = update_cache(cache, k, v, positions)
+            keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
+        else:  # a ring may overwrite keys that earlier queries of the chunk still see: attend to
+            # what it held before the chunk, plus the chunk itself
+            keys = jnp.concatenate([cache.k.astype(k.dtype), jnp.swapaxes(k, 1, 2)], axis=2)
+            values = jnp.concatenate([cache.v.astype(v.dtype), jnp.swapaxes(v, 1, 2)], axis=2)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = update_cache(cache, k, v, positions)
-        out = attention(q, keys, values, self.sinks[...], positions, k_pos, self.window, segment_ids, segment_ids)
-        return self._project("o", out, "btnd,ndh->bth"), cache
+        out = attention_kv_major(q, keys, values, self.sinks[...], positions, k_pos, self.window)
+        return self._project_out(out), cache
+
+    def _project_out(self, out: jax.Array) -> jax.Array:
+        """[B, T, nq, D] -> [B, T, H], as one contraction axis (XLA:CPU upcasts bf16 dots contracting two)."""
+        b, t, nq, d = out.shape
+        o_kernel = self.o_kernel[...].reshape(nq * d, -1)
+        return dense(out.reshape(b, t, nq * d), o_kernel, "btk,kh->bth", self.o_bias[...], self._lora("o", out))

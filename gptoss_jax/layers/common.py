@@ -1,6 +1,8 @@
 """Helpers shared by the layers: parameter declaration with logical axes, matmul precision."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,14 +26,31 @@ def precision_for(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+def matmul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
+    """``einsum(spec, x, w)`` with x's dtype operands and a float32 result.
+
+    XLA:CPU upcasts a single-row (matrix-vector) bf16 dot to float32, converting the whole weight on
+    every call (5x its bytes, ~20x slower); from two rows on it keeps bf16. So on CPU a one-row ``x``
+    (decode at batch 1) gets a zero row appended along its first axis, which must be a batch axis
+    that leads the output too (true for every spec in this package; no ``...`` in ``spec``).
+    """
+    w = w.astype(x.dtype)
+    x_axes, out_axes = spec.split(",")[0], spec.split("->")[1]
+    rows = math.prod(n for a, n in zip(x_axes, x.shape) if a in out_axes)
+    pad = rows == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu"
+    if pad:
+        x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
+    y = jnp.einsum(spec, x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
+    return y[:1] if pad else y
+
+
 def dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None,
           delta: jax.Array | None = None) -> jax.Array:
     """``einsum(spec, x, w) (+ delta) (+ bias)`` in x's dtype with float32 accumulation.
 
     ``delta``: a float32 term added before rounding (a LoRA update, see :func:`lora_delta`).
     """
-    y = jnp.einsum(spec, x, w.astype(x.dtype), precision=precision_for(x.dtype),
-                   preferred_element_type=jnp.float32)
+    y = matmul(x, w, spec)
     if delta is not None:
         y = y + delta
     if bias is not None:

@@ -8,7 +8,8 @@ then ``down``; per-expert biases on both. Outputs are summed with the router wei
 Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*_scales`` u8
 [E, out, in/32], the checkpoint's own layout) decoded inside the computation, or dense ``*_kernel``
 [E, in, out]. Two execution paths, picked by static shapes:
-- gather (few tokens, e.g. decode): fetch only the k selected experts of each token;
+- gather (few tokens, e.g. decode): read only the k selected experts of each token (packed experts
+  stay packed: decoded inside the matrix-vector product);
 - grouped (many tokens): sort assignments by expert and run a block-grouped matmul.
 Neither computes an expert for a token that did not select it.
 
@@ -24,7 +25,7 @@ from flax import nnx
 
 from gptoss_jax import mxfp4
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.layers.common import dense, dropout, param, precision_for
+from gptoss_jax.layers.common import dense, dropout, matmul, param, precision_for
 
 PACKED = "mxfp4"
 DENSE = "dense"
@@ -73,17 +74,32 @@ def _lora_input(x: jax.Array, name: str, lora_dropout) -> jax.Array:
 
 
 def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array, lora_dropout=None) -> jax.Array:
-    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ LoRA, + bias)."""
-    w = _expert_weight(experts, name, ids, x.dtype)  # [M, out, in]
-    prec = precision_for(x.dtype)
-    y = jnp.einsum("mi,moi->mo", x, w, precision=prec, preferred_element_type=jnp.float32)
+    """x [M, in] times the weight of expert ids[m] for each row m -> [M, out] (+ LoRA, + bias).
+
+    One dynamic slice per row reads only that expert; packed weights go through
+    :func:`mxfp4.matvec`, which reads them once, packed (nothing is unpacked into memory).
+    Rows of empty slots (id E) give zeros.
+    """
+    packed = f"{name}_blocks" in experts
+    rows = []
+    for m in range(x.shape[0]):
+        def pick(a, m=m):
+            return jax.lax.dynamic_index_in_dim(a, ids[m], keepdims=False)
+
+        if packed:
+            rows.append(mxfp4.matvec(x[m], pick(experts[f"{name}_blocks"]), pick(experts[f"{name}_scales"])))
+        else:
+            rows.append(matmul(x[m:m + 1], pick(experts[f"{name}_kernel"]), "mi,io->mo")[0])
+    y = jnp.stack(rows)
     if f"{name}_lora_a" in experts:  # A [E, in, r], B [E, r, out] of each row's own expert
+        prec = precision_for(x.dtype)
         a = take_experts(experts[f"{name}_lora_a"], ids).astype(x.dtype)
         b = take_experts(experts[f"{name}_lora_b"], ids).astype(x.dtype)
         h = jnp.einsum("mi,mir->mr", _lora_input(x, name, lora_dropout), a, precision=prec,
                        preferred_element_type=jnp.float32).astype(x.dtype)
         y = y + jnp.einsum("mr,mro->mo", h, b, precision=prec, preferred_element_type=jnp.float32)
-    return (y + take_experts(experts[f"{name}_bias"], ids).astype(jnp.float32)).astype(x.dtype)
+    y = y + take_experts(experts[f"{name}_bias"], ids).astype(jnp.float32)
+    return jnp.where((ids < experts[f"{name}_bias"].shape[0])[:, None], y, 0).astype(x.dtype)
 
 
 def _block_size(rows: int, num_experts: int) -> int:

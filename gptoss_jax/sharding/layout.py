@@ -21,7 +21,7 @@ from gptoss_jax.sharding.expert_parallel import REDUCE, SCHEMES, expert_parallel
 from gptoss_jax.sharding.rules import Rules, get_rules, mesh_axes_for, named_sharding
 
 #: Logical axes of one layer's cache (k/v [B, S, nkv, D], pos [B, S]).
-CACHE_AXES = LayerCache(k=("batch", None, "kv_heads", "head_dim"), v=("batch", None, "kv_heads", "head_dim"),
+CACHE_AXES = LayerCache(k=("batch", "kv_heads", None, "head_dim"), v=("batch", "kv_heads", None, "head_dim"),
                         pos=("batch", None))
 
 

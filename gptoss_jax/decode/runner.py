@@ -1,0 +1,176 @@
+"""The device side of decoding: a fixed number of slots sharing one KV cache, a jitted prefill chunk
+and a jitted decode step.
+
+Each function is compiled once per shape: the decode step once ([max_batch] slots), the prefill once
+per chunk bucket (powers of two from 16 up to ``prefill_chunk``; a prompt is cut into full chunks and
+one padded tail). Both donate the state (cache + per-slot arrays), so XLA updates it in place.
+
+- ``prefill(slot, chunk)`` runs one chunk of one request through the model at batch 1 on that slot's
+  cache row only (the other slots are untouched), samples the request's first token from the chunk's
+  last position and arms the slot (its next token, position, sampling parameters).
+- ``decode(active)`` advances every active slot by one token ([B, 1] through the model); idle slots
+  carry position -1, which writes nothing and attends to nothing.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_jax.decode.sampling import SlotSampling, sample
+from gptoss_jax.layers.kv_cache import LayerCache, init_cache
+from gptoss_jax.model import GptOss
+
+log = logging.getLogger(__name__)
+
+#: Smallest prefill chunk bucket.
+MIN_BUCKET = 16
+
+
+class Slots(NamedTuple):
+    """Per-slot state [B]: the next input token, its position, tokens sampled so far (the request's
+    RNG stream index) and the sampling parameters."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    counts: jax.Array
+    sampling: SlotSampling
+
+
+class DecodeState(NamedTuple):
+    cache: list[LayerCache]
+    slots: Slots
+
+
+def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
+    """Chunk lengths compiled for prefill: powers of two from 16 below ``prefill_chunk``, and it."""
+    sizes = {prefill_chunk}
+    n = MIN_BUCKET
+    while n < prefill_chunk:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes))
+
+
+def plan_chunks(length: int, prefill_chunk: int) -> list[tuple[int, int, int]]:
+    """A prompt of ``length`` tokens -> [(start, n_tokens, bucket)]: full chunks, then the tail padded
+    to the smallest bucket that holds it."""
+    buckets = prefill_buckets(prefill_chunk)
+    out = []
+    for start in range(0, length, prefill_chunk):
+        n = min(prefill_chunk, length - start)
+        out.append((start, n, next(b for b in buckets if b >= n)))
+    return out
+
+
+def empty_state(cfg, max_batch: int, context: int, dtype, layout=None) -> DecodeState:
+    """Idle slots and empty caches (``jax.eval_shape`` it for abstract lowering); with a model's
+    ``layout`` (on a mesh) the caches are created in their shards."""
+    b = max_batch
+    slots = Slots(jnp.zeros(b, jnp.int32), jnp.full(b, -1, jnp.int32), jnp.zeros(b, jnp.int32), SlotSampling.empty(b))
+    cache = init_cache(cfg, b, context, dtype) if layout is None else layout.init_cache(cfg, b, context, dtype)
+    return DecodeState(cache, slots)
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+    """XLA:CPU only: keep YNNPACK fusions for dots (bf16 matmuls stay bf16) but not for reductions,
+    which otherwise pull the packed-MXFP4 matrix-vector products apart and unpack the experts into
+    memory (17x the bytes, 10x slower). None elsewhere, or where this XLA lacks the option."""
+    if jax.default_backend() != "cpu":
+        return None
+    opts = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=opts).lower(jnp.zeros(2)).compile()
+    except Exception as e:  # noqa: BLE001 - an XLA without the option: default fusions
+        log.warning("XLA:CPU option %s unavailable (%s); decode uses default fusions", opts, e)
+        return None
+    return opts
+
+
+class Runner:
+    """Jitted prefill and decode for ``max_batch`` slots with ``context`` positions each.
+
+    ``return_logits`` makes :meth:`decode` also return the float32 logits [B, V] (tests, analysis).
+    """
+
+    def __init__(self, model: GptOss, *, max_batch: int, context: int, prefill_chunk: int,
+                 return_logits: bool = False):
+        self.config = model.config
+        self.dtype = model.dtype
+        self.layout = model.layout
+        self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
+        self.graphdef, self.params = nnx.split(model)
+        self.return_logits = return_logits
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state (after a failed step, whose donated inputs may be gone)."""
+        self.state = empty_state(self.config, self.max_batch, self.context, self.dtype, self.layout)
+
+    def prefill(self, slot: int, tokens, start: int, bucket: int, sampling: SlotSampling) -> jax.Array:
+        """Run ``tokens`` (one chunk, at most ``bucket`` ids) of a prompt at positions start.. on ``slot``;
+        ``start == 0`` clears the slot. Returns the token sampled after the chunk (device int32 [])."""
+        n = len(tokens)
+        ids = np.zeros(bucket, np.int32)
+        ids[:n] = tokens
+        pos = np.full(bucket, -1, np.int32)
+        pos[:n] = np.arange(start, start + n, dtype=np.int32)
+        prefill, _ = jitted()
+        self.state, token = prefill(self.graphdef, self.params, self.state, np.int32(slot), ids, pos, np.int32(n - 1),
+                                    sampling)
+        return token
+
+    def decode(self, active: np.ndarray):
+        """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits)."""
+        _, decode = jitted()
+        self.state, *out = decode(self.graphdef, self.return_logits, self.params, self.state, np.asarray(active, bool))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+@functools.cache
+def jitted():
+    """(prefill, decode), jitted once per process: the graph definition is a static argument, so
+    runners of the same model and shapes share executables; each donates the state."""
+    opts = compiler_options()
+    return (jax.jit(_prefill, static_argnums=0, donate_argnums=2, compiler_options=opts),
+            jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3, compiler_options=opts))
+
+
+def _prefill(graphdef, params, state: DecodeState, slot, tokens, positions, last, sampling: SlotSampling):
+    model = nnx.merge(graphdef, params)
+    fresh = positions[0] == 0
+
+    def row(c: LayerCache) -> LayerCache:
+        k, v, pos = (jax.lax.dynamic_index_in_dim(a, slot, 0) for a in c)
+        return LayerCache(k, v, jnp.where(fresh, -1, pos))
+
+    h, rows = model.hidden_states(tokens[None], positions[None], [row(c) for c in state.cache])
+    logits = model.unembed(jax.lax.dynamic_index_in_dim(h[0], last, 0))  # [1, V]
+    one = jax.tree.map(lambda a: jnp.asarray(a)[None], sampling)
+    token = sample(logits, one, jnp.zeros(1, jnp.int32))[0]
+    cache = [LayerCache(*(jax.lax.dynamic_update_index_in_dim(a, r, slot, 0) for a, r in zip(c, rc)))
+             for c, rc in zip(state.cache, rows)]
+    s = state.slots
+    put = lambda a, x: a.at[slot].set(x)  # noqa: E731
+    slots = Slots(put(s.tokens, token), put(s.positions, positions[last] + 1), put(s.counts, 1),
+                  jax.tree.map(put, s.sampling, sampling))
+    return DecodeState(cache, slots), token
+
+
+def _decode(graphdef, return_logits: bool, params, state: DecodeState, active):
+    model = nnx.merge(graphdef, params)
+    s = state.slots
+    positions = jnp.where(active, s.positions, -1)
+    h, cache = model.hidden_states(s.tokens[:, None], positions[:, None], state.cache)
+    logits = model.unembed(h[:, 0])  # [B, V]
+    tokens = sample(logits, s.sampling, s.counts)
+    slots = s._replace(tokens=jnp.where(active, tokens, s.tokens), positions=jnp.where(active, s.positions + 1, s.positions),
+                       counts=s.counts + active.astype(jnp.int32))
+    out = (DecodeState(cache, slots), tokens)
+    return out + (logits,) if return_logits else out

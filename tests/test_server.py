@@ -1,0 +1,330 @@
+"""The OpenAI-compatible server, started as a real process on a random tiny-harmony checkpoint and driven
+with the official ``openai`` client: streaming and not, 16 concurrent clients, every error case,
+clients that disconnect mid-request. Tool calls need a trained model, so those tests replay
+openai-harmony-rendered model output through the same app in-process."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from convert.synthetic import write_random_checkpoint
+from gptoss_jax import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "sk-test-key"
+MODEL = "tiny-random"
+CONTEXT = 384
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
+STARTUP_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: str, timeout: float = STARTUP_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not up after {timeout}s:\n{open(log_path).read()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, o200k_path):
+    """`gptoss-jax serve` in a subprocess on 127.0.0.1:<free port>; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("serve")
+    ckpt = write_random_checkpoint(tmp / MODEL, PRESETS["tiny-harmony"], seed=0)
+    port = free_port()
+    log_path = str(tmp / "server.log")
+    env = {**os.environ, "GPTOSS_VOCAB": o200k_path, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "gptoss_jax.cli", "serve", "--ckpt", ckpt, "--port", str(port), "--api-key", KEY,
+           "--max-batch", "4", "--context", str(CONTEXT), "--prefill-chunk", "16", "--max-tokens", "8"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, log_path)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def health(server) -> dict:
+    return httpx.get(f"{server}/health", timeout=10).json()
+
+
+def wait_idle(server, timeout: float = 30) -> dict:
+    """Until no request is in flight in the server nor running in the engine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = health(server)
+        if h["requests_in_flight"] == 0 and not h["engine"].get("active"):
+            return h
+        if time.monotonic() > deadline:
+            pytest.fail(f"slots still busy after {timeout}s: {h}")
+        time.sleep(0.2)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_completion(client, o200k_path):
+    from gptoss_jax.harmony import ChatFormat
+
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                       reasoning_effort="low")
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL and choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(ChatFormat(o200k_path).render(MESSAGES, reasoning_effort="low"))
+    assert 1 <= r.usage.completion_tokens <= 6
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    text = (choice.message.content or "") + (getattr(choice.message, "reasoning_content", None) or "")
+    assert text  # random weights: gibberish, but something
+    again = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                           reasoning_effort="low")
+    assert again.choices[0].message.content == choice.message.content  # greedy is deterministic
+
+
+def test_streaming_equals_non_streaming(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0.8, seed=1234)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    assert content == (whole.choices[0].message.content or "")
+    assert reasoning == (getattr(whole.choices[0].message, "reasoning_content", None) or "")
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_choices(client):
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=3, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices)
+    assert 3 <= r.usage.completion_tokens <= 12
+
+
+def test_sixteen_concurrent_clients(client, server):
+    def one(i):
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=3 + i % 4, seed=i)
+        if i % 2:
+            chunks = list(client.chat.completions.create(**kwargs, stream=True))
+            return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason][0]
+        return client.chat.completions.create(**kwargs).choices[0].finish_reason
+
+    before = health(server)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        reasons = list(pool.map(one, range(16)))
+    assert all(r in ("stop", "length") for r in reasons), reasons
+    after = wait_idle(server)
+    assert after["completed"] - before["completed"] == 16
+    assert after["cancelled"] == before["cancelled"]
+    # they shared the batch: requests joined while others were decoding
+    assert after["engine"]["admitted_while_decoding"] > before["engine"].get("admitted_while_decoding", 0)
+
+
+def raw_post(server, body: bytes, key: str | None = KEY):
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    return httpx.post(f"{server}/v1/chat/completions", content=body, headers=headers, timeout=60)
+
+
+def assert_openai_error(response, status: int, code=None, param=None):
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["code"] == code and (param is None or err["param"] == param)
+    return err
+
+
+def test_errors(client, server):
+    ok = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 1}).encode()
+    assert_openai_error(raw_post(server, b"{not json"), 400)
+    assert_openai_error(raw_post(server, b"[1, 2]"), 400)
+    assert_openai_error(raw_post(server, json.dumps({"model": MODEL}).encode()), 400, param="messages")
+    assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": "hot"}).encode()),
+                        400, param="temperature")
+    assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}).encode()),
+                        400, param="messages")
+    with pytest.raises(openai.BadRequestError) as e:  # prompt over the context
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * CONTEXT}])
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert e.value.code == "model_not_found"
+    assert_openai_error(raw_post(server, ok, key=None), 401, code="invalid_api_key")
+    assert_openai_error(raw_post(server, ok, key="sk-wrong"), 401, code="invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert_openai_error(httpx.get(f"{server}/v1/nothing-here", headers={"authorization": f"Bearer {KEY}"}), 404)
+    assert raw_post(server, ok).status_code == 200
+    assert health(server)["status"] == "ok"  # open without a key
+
+
+def test_disconnect_mid_stream_frees_the_slot(client, server):
+    before = wait_idle(server)
+    body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": CONTEXT, "temperature": 1.0}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: {"):  # the first chunk arrived: generation is under way
+            pass
+    # the client is gone: the server cancels the request and the engine frees its slot
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 1
+    # a non-streaming client that gives up is noticed too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/chat/completions", timeout=0.5, headers={"authorization": f"Bearer {KEY}"},
+                   json={**body, "stream": False})
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 2
+    # and the server still serves
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# --- tool calls: what a trained model generates, replayed through the app in-process -----------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+
+
+class ReplayRequest:
+    """Stands in for an engine Request, yielding fixed ids (the engine needs trained weights to make them)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.finish_reason, self.cancelled = tokens, None, False
+
+    async def aiter(self):
+        for t in self.tokens:
+            if self.cancelled:
+                break
+            yield t
+        self.finish_reason = "cancelled" if self.cancelled else "stop"
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class ReplayEngine:
+    context = 4096
+
+    def __init__(self):
+        self.outputs, self.prompts = [], []
+
+    def submit(self, prompt, params):
+        self.prompts.append(prompt)
+        return ReplayRequest(self.outputs.pop(0)[:params.max_tokens])
+
+
+@pytest.fixture(scope="module")
+def replay(o200k_path):
+    from fastapi.testclient import TestClient
+
+    from gptoss_jax.decode import SamplingParams
+    from gptoss_jax.harmony import ChatFormat
+    from gptoss_jax.serving.server import create_app
+
+    fmt, engine = ChatFormat(o200k_path), ReplayEngine()
+    app = create_app(engine, fmt, MODEL, context=engine.context, default_params=SamplingParams(max_tokens=64))
+    http = TestClient(app)
+    return fmt, engine, openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http)
+
+
+def model_output(fmt, text: str) -> list[int]:
+    """A harmony completion as the model writes it after '<|start|>assistant'."""
+    return fmt.tokenizer.encode(text, allowed_special="all")
+
+
+TOOL_OUTPUT = ("<|channel|>analysis<|message|>Need the weather tool.<|end|><|start|>assistant to=functions.get_weather"
+               "<|channel|>commentary <|constrain|>json<|message|>{\"location\": \"東京\"}<|call|>")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_tool_calls(replay, stream):
+    fmt, engine, client = replay
+    engine.outputs.append(model_output(fmt, TOOL_OUTPUT))
+    messages = [{"role": "user", "content": "Weather in Tokyo?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], stream=stream)
+    assert engine.prompts[-1] == fmt.render(messages, tools=[WEATHER])
+    if stream:
+        chunks = list(r)
+        calls = {}
+        for c in chunks:
+            for tc in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+                call = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
+                call["arguments"] += tc.function.arguments or ""
+        reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+        calls = [calls[i] for i in sorted(calls)]
+    else:
+        msg = r.choices[0].message
+        calls = [{"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments} for tc in msg.tool_calls]
+        reasoning, finish = msg.reasoning_content, r.choices[0].finish_reason
+        assert msg.content is None
+    assert finish == "tool_calls"
+    assert reasoning == "Need the weather tool."
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"location": "東京"})]
+    assert calls[0]["id"].startswith("call_")
+
+    # the client runs the tool and sends the result back: the prompt carries call and result in harmony
+    engine.outputs.append(model_output(fmt, "<|channel|>final<|message|>Sunny.<|return|>"))
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": calls[0]["id"], "type": "function", "function": {"name": "get_weather", "arguments": calls[0]["arguments"]}}]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "{\"sky\": \"clear\"}"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER])
+    assert engine.prompts[-1] == fmt.render(history, tools=[WEATHER])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("Sunny.", "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_stop_strings(replay, stream):
+    fmt, engine, client = replay
+    engine.outputs.append(model_output(fmt, "<|channel|>final<|message|>Hello world. Goodbye world.<|return|>"))
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, stop=["bye", "ld."], stream=stream)
+    if stream:
+        chunks = list(r)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    assert (content, finish) == ("Hello wor", "stop")
