@@ -31,24 +31,26 @@ def demo(tmp_path_factory, o200k_path):
 
 def test_demo(demo):
     folder, p = demo
-    ckpt = folder / "tiny-harmony-random"
-    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    official, converted = folder / "tiny-harmony-random", folder / "tiny-harmony-random-jax"
+    assert (official / "config.json").is_file() and (official / "model.safetensors").is_file()
+    assert (converted / "gptoss_jax.json").is_file() and (converted / "params").is_dir()  # what the engine loaded
     assert not [f for f in os.listdir(folder) if f.startswith(".")]  # no half-written temporary left
     assert "RANDOM weights" in p.stderr and "gibberish" in p.stderr
     prompt_tokens, generated, _ = SUMMARY.search(p.stderr).groups()
     assert int(prompt_tokens) > 60 and 1 <= int(generated) <= 6
-    assert f"gptoss-jax serve --ckpt {ckpt}" in p.stderr
+    assert f"gptoss-jax serve --ckpt {converted}" in p.stderr
 
 
 def test_generate_raw_greedy_equals_full_forward(demo, o200k_path):
-    """`generate --raw --temperature 0` prints the argmax rollout of the full (uncached) forward pass."""
+    """`generate --raw --temperature 0` prints the argmax rollout of the full (uncached) forward pass, also
+    when it runs on a mesh (conftest's XLA_FLAGS give the subprocess 8 CPU devices)."""
     import gptoss_jax
     from gptoss_jax.tokenizer import STOP_TOKEN_IDS, load_tokenizer
 
     ckpt = str(demo[0] / "tiny-harmony-random")
     text, steps = "The capital of France is", 6
     p = gptoss("generate", "--ckpt", ckpt, "--raw", "--prompt", text, "--temperature", "0", "--max-tokens", str(steps),
-               "--dtype", "float32", "--context", "64", *FAST, vocab=o200k_path)
+               "--dtype", "float32", "--context", "64", "--mesh", "expert=4,model=2", *FAST, vocab=o200k_path)
     tok = load_tokenizer(o200k_path)
     model = gptoss_jax.load(ckpt, dtype=jnp.float32)
     ids = tok.encode(text)
@@ -67,7 +69,7 @@ def test_generate_raw_greedy_equals_full_forward(demo, o200k_path):
 
 
 def test_chat_session(demo, o200k_path):
-    ckpt = str(demo[0] / "tiny-harmony-random")
+    ckpt = str(demo[0] / "tiny-harmony-random-jax")  # the converted folder the demo served
     p = gptoss("chat", "--ckpt", ckpt, "--max-tokens", "3", "--context", "256", "--reasoning-effort", "high", *FAST,
                stdin="Hello!\n/effort low\n/bogus\n\nAnd again?\n/reset\n/exit\nnever read\n", vocab=o200k_path)
     summaries = SUMMARY.findall(p.stderr)

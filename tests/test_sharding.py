@@ -126,7 +126,7 @@ def single_decode(tiny_model, tokens):
 
 @pytest.mark.parametrize("spec, rules, cache_spec", [
     ("data=2,expert=4", "expert", ("data", None, None, None)),  # 1 token per data shard: the gather path
-    ("expert=4,model=2", "expert_tensor", (None, None, "model", None)),  # kv heads over model
+    ("expert=4,model=2", "expert_tensor", (None, "model", None, None)),  # kv heads over model
 ])
 def test_sharded_decode_equals_unsharded(spec, rules, cache_spec, tiny_hf, single_decode, tokens):
     mesh = mesh_from_spec(spec)
@@ -137,6 +137,24 @@ def test_sharded_decode_equals_unsharded(spec, rules, cache_spec, tiny_hf, singl
     # the cache keeps its placement from step to step (no resharding in a decode loop)
     for c, s in zip(cache, cache_shardings(cache, mesh, rules)):
         assert all(a.sharding.is_equivalent_to(b, a.ndim) for a, b in zip(c, s))
+
+
+def test_engine_on_a_mesh_generates_what_one_device_does(tiny_hf, tiny_model):
+    """The decoding engine (what generate/chat/serve --mesh run) on an expert x model mesh: its caches
+    are created in their shards and its greedy completions equal the single-device engine's."""
+    from gptoss_jax.decode import Engine, SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=())
+    prompts = [[5, 9, 11, 300], list(range(3, 22)), [100, 200]]  # 3 requests for 2 slots
+    sharded = gptoss_jax.load(tiny_hf, dtype=jnp.float32, mesh=mesh_from_spec("expert=4,model=2"))
+    outs = []
+    for model in (tiny_model, sharded):
+        engine = Engine(model, max_batch=2, context=32, prefill_chunk=16)
+        outs.append(engine.generate(prompts, greedy))
+        if model is sharded:
+            k = engine.runner.state.cache[1].k
+            assert len(k.sharding.device_set) == 8 and k.addressable_shards[0].data.shape[1] == 1  # kv heads split
+    assert outs[0] == outs[1]
 
 
 def _expert_leaves(state) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
