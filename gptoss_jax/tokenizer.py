@@ -7,7 +7,9 @@ Where the vocabulary comes from, first match wins (:func:`find_vocab`):
 3. ``$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken`` (openai-harmony's convention);
 4. tiktoken's cache: ``$TIKTOKEN_CACHE_DIR`` (else ``$DATA_GYM_CACHE_DIR``, else
    ``$TMPDIR/data-gym-cache``) / sha1(url);
-5. otherwise tiktoken's normal download (needs internet).
+5. ``shared/data/o200k_base.tiktoken`` beside the source checkout (the offline development machines
+   keep the vocabulary there);
+6. otherwise tiktoken's normal download (needs internet).
 
 A local file is always checked against the published SHA-256.
 """
@@ -83,7 +85,8 @@ def find_vocab(vocab: str | os.PathLike | None = None) -> str | None:
             if not os.path.isfile(path):
                 raise VocabError(f"{source}: {path} not found (expected the {VOCAB_FILENAME} file or its folder)")
             return path
-    candidates = [tiktoken_cache_path()]
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [tiktoken_cache_path(), os.path.join(os.path.dirname(checkout), "shared", "data", VOCAB_FILENAME)]
     if os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
         candidates.insert(0, os.path.join(os.environ["TIKTOKEN_ENCODINGS_BASE"], VOCAB_FILENAME))
     return next((p for p in candidates if p and os.path.isfile(p)), None)
