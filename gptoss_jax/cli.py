@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:  # JAX's backend probing ("Unable to initialize backend 'tpu'")
+        logging.getLogger("jax").setLevel(logging.WARNING)
     module_name, help_ = COMMANDS[args.command]
     try:
         module = importlib.import_module(module_name)
