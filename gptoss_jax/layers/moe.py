@@ -53,16 +53,12 @@ def take_experts(a: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(a, ids, axis=0, mode="fill", fill_value=0)
 
 
-def _expert_weight(experts: dict, name: str, ids: jax.Array | None, dtype) -> jax.Array:
-    """Weights of ``name`` ('gate_up' | 'down') for expert ``ids`` (all when None), as [.., out, in]."""
+def _expert_weight(experts: dict, name: str, ids: jax.Array, dtype) -> jax.Array:
+    """Weights of ``name`` ('gate_up' | 'down') for expert ``ids``, as [.., out, in] in ``dtype``."""
     if f"{name}_blocks" in experts:
         blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
-        if ids is not None:
-            blocks, scales = take_experts(blocks, ids), take_experts(scales, ids)
-        return mxfp4.unpack(blocks, scales, dtype)
-    w = experts[f"{name}_kernel"]
-    w = w if ids is None else take_experts(w, ids)
-    return jnp.swapaxes(w, -1, -2).astype(dtype)
+        return mxfp4.unpack(take_experts(blocks, ids), take_experts(scales, ids), dtype)
+    return jnp.swapaxes(take_experts(experts[f"{name}_kernel"], ids), -1, -2).astype(dtype)
 
 
 def _lora_input(x: jax.Array, name: str, lora_dropout) -> jax.Array:
