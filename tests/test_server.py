@@ -189,6 +189,13 @@ def test_errors(client, server):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert e.value.code == "model_not_found"
+    for field, value in (("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}), ("frequency_penalty", 0.5),
+                         ("response_format", {"type": "json_object"})):  # would change the answer: refused, not ignored
+        err = assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, field: value}).encode()),
+                                  400, code="unsupported_parameter", param=field)
+        assert field in err["message"]
+    neutral = {"logprobs": False, "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1"}
+    assert raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 1, **neutral}).encode()).status_code == 200
     assert_openai_error(raw_post(server, ok, key=None), 401, code="invalid_api_key")
     assert_openai_error(raw_post(server, ok, key="sk-wrong"), 401, code="invalid_api_key")
     with pytest.raises(openai.AuthenticationError):

@@ -51,7 +51,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields we act on; other OpenAI fields are accepted and ignored."""
+    """The fields we act on; other OpenAI fields are accepted and ignored, except those in
+    :data:`UNSUPPORTED`, which change the answer and are refused rather than ignored."""
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -69,6 +70,23 @@ class ChatCompletionRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+    def unsupported(self) -> tuple[str, Any] | None:
+        """(field, value) of the first field set to a value this server cannot honour, or None."""
+        extra = self.model_extra or {}
+        return next(((name, extra[name]) for name, honoured in UNSUPPORTED.items()
+                     if name in extra and not honoured(extra[name])), None)
+
+
+#: OpenAI fields that change the answer and the values of them that this server honours (the neutral ones).
+UNSUPPORTED = {
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+}
 
 
 class StopStrings:
@@ -300,6 +318,10 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         find_model(body.model)
+        if refused := body.unsupported():
+            name, value = refused
+            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
+                           param=name, code="unsupported_parameter")
         try:
             prompt = fmt.render(body.messages, tools=None if body.tool_choice == "none" else body.tools,
                                 reasoning_effort=body.reasoning_effort or reasoning_effort)
