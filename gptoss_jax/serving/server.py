@@ -52,7 +52,8 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """The fields we act on; other OpenAI fields are accepted and ignored, except those in
-    :data:`UNSUPPORTED`, which change the answer and are refused rather than ignored."""
+    :data:`NEUTRAL_VALUES`, which would change the answer: set to anything but a neutral value they are
+    refused rather than ignored."""
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -74,12 +75,12 @@ class ChatCompletionRequest(BaseModel):
     def unsupported(self) -> tuple[str, Any] | None:
         """(field, value) of the first field set to a value this server cannot honour, or None."""
         extra = self.model_extra or {}
-        return next(((name, extra[name]) for name, honoured in UNSUPPORTED.items()
+        return next(((name, extra[name]) for name, honoured in NEUTRAL_VALUES.items()
                      if name in extra and not honoured(extra[name])), None)
 
 
-#: OpenAI fields that change the answer and the values of them that this server honours (the neutral ones).
-UNSUPPORTED = {
+#: OpenAI fields that would change the answer, each with a test of the (neutral) values this server honours.
+NEUTRAL_VALUES = {
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
