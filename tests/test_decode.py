@@ -13,7 +13,7 @@ import pytest
 
 import gptoss_jax
 from gptoss_jax.decode import Engine, SamplingParams
-from gptoss_jax.decode.runner import Runner, plan_chunks
+from gptoss_jax.decode.runner import Chunk, Runner, plan_chunks
 from gptoss_jax.decode.sampling import SlotSampling
 from gptoss_jax.layers.kv_cache import cache_bytes
 
@@ -68,7 +68,7 @@ def test_cached_decode_equals_full_forward_across_the_window(model):
     seqs = {}
     for slot, p in prompts.items():
         for start, n, bucket in plan_chunks(len(p), CHUNK):
-            first = runner.prefill(slot, p[start:start + n], start, bucket, greedy)
+            first = runner.prefill([Chunk(slot, p[start:start + n], start, greedy)], bucket)[0]
         seqs[slot] = p + [int(first)]
     active = np.array([i in prompts for i in range(SLOTS)])
     steps = []
@@ -88,9 +88,14 @@ def test_cached_decode_equals_full_forward_across_the_window(model):
 
 def test_greedy_batch_equals_each_prompt_alone_and_the_argmax_rollout(engine, model):
     prompts = [prompt(10 + i, n) for i, n in enumerate([1, 5, 17, 33, 64, 90])]  # 6 requests, 4 slots
+    before = engine.stats.copy()
     batched = engine.generate(prompts, GREEDY)
+    packed = engine.stats - before
     alone = [engine.generate([p], GREEDY)[0] for p in prompts]
     assert batched == alone
+    # the 1- and 5-token prompts (bucket 16) shared one prefill call (token budget CHUNK = 2 x 16)
+    assert packed["prefill_chunks"] == sum(len(plan_chunks(len(p), CHUNK)) for p in prompts)
+    assert packed["prefill_calls"] < packed["prefill_chunks"]
     assert all(len(c) == GREEDY.max_tokens for c in batched)
     assert_argmax_rollout(model, prompts, batched)
 

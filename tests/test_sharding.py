@@ -141,19 +141,22 @@ def test_sharded_decode_equals_unsharded(spec, rules, cache_spec, tiny_hf, singl
 
 def test_engine_on_a_mesh_generates_what_one_device_does(tiny_hf, tiny_model):
     """The decoding engine (what generate/chat/serve --mesh run) on an expert x model mesh: its caches
-    are created in their shards and its greedy completions equal the single-device engine's."""
+    are created in their shards (slots over the expert axis, kv heads over model), two short prompts
+    share one prefill call on the sharded cache, and its greedy completions equal the single-device
+    engine's."""
     from gptoss_jax.decode import Engine, SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=())
-    prompts = [[5, 9, 11, 300], list(range(3, 22)), [100, 200]]  # 3 requests for 2 slots
+    prompts = [[5, 9, 11, 300], [100, 200], list(range(3, 22)), [7], [42, 43, 44]]  # 5 requests for 4 slots
     sharded = gptoss_jax.load(tiny_hf, dtype=jnp.float32, mesh=mesh_from_spec("expert=4,model=2"))
     outs = []
     for model in (tiny_model, sharded):
-        engine = Engine(model, max_batch=2, context=32, prefill_chunk=16)
+        engine = Engine(model, max_batch=4, context=32, prefill_chunk=32)
         outs.append(engine.generate(prompts, greedy))
+        assert engine.stats["prefill_calls"] < engine.stats["prefill_chunks"]  # chunks shared a call
         if model is sharded:
             k = engine.runner.state.cache[1].k
-            assert len(k.sharding.device_set) == 8 and k.addressable_shards[0].data.shape[1] == 1  # kv heads split
+            assert len(k.sharding.device_set) == 8 and k.addressable_shards[0].data.shape[:2] == (1, 1)
     assert outs[0] == outs[1]
 
 

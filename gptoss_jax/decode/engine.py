@@ -2,9 +2,11 @@
 
 One loop (a background thread after :meth:`Engine.start`, or the caller's thread inside
 :meth:`Engine.generate`) repeats: drop cancelled requests, give free slots to waiting requests, run
-one prefill chunk of the oldest request still prefilling, run one decode step for every slot that is
-generating, then hand out the tokens of the previous iteration. Prefill chunks interleave with
-decode steps, so a new request never pauses the others for more than one chunk, and reading the
+one prefill call (the next chunk of the oldest request still prefilling, together with the next chunks
+of other prefilling requests that fit the same bucket, within the ``prefill_chunk`` token budget),
+run one decode step for every slot that is generating, then hand out the tokens of the previous
+iteration. Prefill calls interleave with decode steps, so a new request never pauses the others for
+more than one call of at most ``prefill_chunk`` tokens, and reading the
 previous step's tokens while the next one runs keeps the device busy (a finished request costs one
 discarded step). Requests never see each other: each slot has its own cache row, positions and
 random stream.
@@ -22,7 +24,7 @@ from typing import AsyncIterator, Iterator
 import jax
 import numpy as np
 
-from gptoss_jax.decode.runner import Runner, plan_chunks, prefill_buckets
+from gptoss_jax.decode.runner import Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
 from gptoss_jax.decode.sampling import SamplingParams, SlotSampling
 from gptoss_jax.model import GptOss
 
@@ -169,7 +171,8 @@ class Engine:
 
     ``max_batch`` slots decode together; ``context`` bounds prompt + completion per request (it sizes
     the KV cache: see :func:`gptoss_jax.layers.kv_cache.cache_bytes`); prompts are prefilled in chunks
-    of at most ``prefill_chunk`` tokens. Use :meth:`start` / :meth:`stop` (or ``with Engine(...)``)
+    of at most ``prefill_chunk`` tokens, and one prefill call runs at most ``prefill_chunk`` tokens
+    (chunks of several prompts together when they are short). Use :meth:`start` / :meth:`stop` (or ``with Engine(...)``)
     for a background loop and :meth:`submit` from any thread, or :meth:`generate` alone.
     """
 
@@ -252,15 +255,15 @@ class Engine:
             r._finish("cancelled")
 
     def warmup(self) -> None:
-        """Compile the decode step and every prefill bucket now (on an idle engine)."""
+        """Compile the decode step and every prefill shape now (on an idle engine)."""
         with self._drive:
             if any(self._slots):
                 raise RuntimeError("warmup needs an idle engine")
-            buckets = prefill_buckets(self.prefill_chunk)
-            log.info("compiling the decode step and %d prefill chunk buckets %s", len(buckets), buckets)
+            shapes = prefill_shapes(self.prefill_chunk, self.max_batch)
+            log.info("compiling the decode step and %d prefill shapes (chunks x tokens) %s", len(shapes), shapes)
             off = SlotSampling.of(SamplingParams(temperature=0.0), np.zeros(2, np.uint32))
-            for bucket in buckets:
-                self.runner.prefill(0, [0], 0, bucket, off)  # slot 0 is free: the next prefill resets it
+            for rows, bucket in shapes:  # the slots are free: the next prefill on each resets it
+                self.runner.prefill([Chunk(i, [0], 0, off) for i in range(rows)], bucket)
             jax.block_until_ready(self.runner.decode(np.zeros(self.max_batch, bool)))
 
     def __enter__(self) -> "Engine":
@@ -319,19 +322,30 @@ class Engine:
                     self.stats["admitted_while_decoding"] += busy
 
     def _dispatch(self) -> list:
-        """Queue one prefill chunk and one decode step on the device; return what to read back later."""
+        """Queue one prefill call and one decode step on the device; return what to read back later."""
         out = []
-        prefilling = [i for i, s in enumerate(self._slots) if s is not None and s.chunks]
-        if prefilling:
-            i = min(prefilling, key=lambda j: self._slots[j].request.id)
-            s = self._slots[i]
-            start, n, bucket = s.chunks.pop(0)
-            r = s.request
-            token = self.runner.prefill(i, r.prompt[start:start + n], start, bucket, SlotSampling.of(r.params, r._key))
-            self.stats["prefill_chunks"] += 1
-            if not s.chunks:  # the prompt is in: its first token comes out of this chunk
-                s.dispatched = 1
-                out.append((token, {i: r}))
+        prefilling = sorted((i for i, s in enumerate(self._slots) if s is not None and s.chunks),
+                            key=lambda j: self._slots[j].request.id)
+        if prefilling:  # the oldest request's next chunk, with others that fit its bucket
+            bucket = self._slots[prefilling[0]].chunks[0][2]
+            rows = prefill_rows(bucket, self.prefill_chunk, self.max_batch)
+            picked = [i for i in prefilling if self._slots[i].chunks[0][2] <= bucket][:rows]
+            chunks = []
+            for i in picked:
+                s = self._slots[i]
+                start, n, _ = s.chunks.pop(0)
+                r = s.request
+                chunks.append(Chunk(i, r.prompt[start:start + n], start, SlotSampling.of(r.params, r._key)))
+            tokens = self.runner.prefill(chunks, bucket)
+            self.stats["prefill_calls"] += 1
+            self.stats["prefill_chunks"] += len(chunks)
+            owners = {}
+            for row, i in enumerate(picked):
+                if not self._slots[i].chunks:  # the prompt is in: its first token comes out of this call
+                    self._slots[i].dispatched = 1
+                    owners[row] = self._slots[i].request
+            if owners:
+                out.append((tokens, owners))
         active = np.array([s is not None and s.generating and s.dispatched > 0 for s in self._slots])
         if active.any():
             tokens = self.runner.decode(active)
@@ -347,11 +361,11 @@ class Engine:
         """Hand out the tokens of earlier dispatches; finish requests on a stop token or their limit."""
         pending, self._pending = self._pending, []
         for tokens, owners in pending:
-            values = np.atleast_1d(np.asarray(tokens))
-            for i, r in owners.items():
+            values = np.asarray(tokens)
+            for i, r in owners.items():  # i: the row of ``tokens`` (the slot, for a decode step)
                 if r.done:  # finished or cancelled since: a discarded step
                     continue
-                token = int(values[i] if values.size > 1 else values[0])
+                token = int(values[i])
                 r._emit(token)
                 self.stats["tokens"] += 1
                 if token in r.params.stop_token_ids:

@@ -2,12 +2,17 @@
 and a jitted decode step.
 
 Each function is compiled once per shape: the decode step once ([max_batch] slots), the prefill once
-per chunk bucket (powers of two from 16 up to ``prefill_chunk``; a prompt is cut into full chunks and
-one padded tail). Both donate the state (cache + per-slot arrays), so XLA updates it in place.
+per :func:`prefill_shapes` entry. A prompt is cut into chunks of ``prefill_chunk`` tokens and one tail
+padded to a bucket (powers of two from 16 up to ``prefill_chunk``). ``prefill_chunk`` is also the
+token budget of one prefill call: chunks of several requests in the same bucket run together, up to
+``prefill_chunk // bucket`` of them (at most ``max_batch``), so short prompts arriving together share
+one pass over the weights. Both functions donate the state (cache + per-slot arrays), so XLA updates it
+in place.
 
-- ``prefill(slot, chunk)`` runs one chunk of one request through the model at batch 1 on that slot's
-  cache row only (the other slots are untouched), samples the request's first token from the chunk's
-  last position and arms the slot (its next token, position, sampling parameters).
+- ``prefill(chunks, bucket)`` runs one chunk of each of up to that many requests (each on its own slot)
+  through the model on those slots' cache rows only (the other slots are untouched), samples each
+  request's first token from its chunk's last position and arms the slots (next token, position,
+  sampling parameters).
 - ``decode(active)`` advances every active slot by one token ([B, 1] through the model); idle slots
   carry position -1, which writes nothing and attends to nothing.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +62,18 @@ def prefill_buckets(prefill_chunk: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def prefill_rows(bucket: int, prefill_chunk: int, max_batch: int) -> int:
+    """Chunks one prefill call takes in ``bucket``: as many as the ``prefill_chunk`` token budget holds,
+    at most ``max_batch``."""
+    return max(1, min(max_batch, prefill_chunk // bucket))
+
+
+def prefill_shapes(prefill_chunk: int, max_batch: int) -> tuple[tuple[int, int], ...]:
+    """(rows, bucket) of every prefill program: one chunk alone, or a full row budget, per bucket."""
+    return tuple((rows, b) for b in prefill_buckets(prefill_chunk)
+                 for rows in sorted({1, prefill_rows(b, prefill_chunk, max_batch)}))
+
+
 def plan_chunks(length: int, prefill_chunk: int) -> list[tuple[int, int, int]]:
     """A prompt of ``length`` tokens -> [(start, n_tokens, bucket)]: full chunks, then the tail padded
     to the smallest bucket that holds it."""
@@ -93,6 +110,15 @@ def compiler_options() -> dict[str, str] | None:
     return opts
 
 
+class Chunk(NamedTuple):
+    """Prompt ``tokens`` of the request on ``slot`` at positions ``start``..; ``start == 0`` clears the slot."""
+
+    slot: int
+    tokens: Sequence[int]
+    start: int
+    sampling: SlotSampling
+
+
 class Runner:
     """Jitted prefill and decode for ``max_batch`` slots with ``context`` positions each.
 
@@ -113,18 +139,26 @@ class Runner:
         """Fresh state (after a failed step, whose donated inputs may be gone)."""
         self.state = empty_state(self.config, self.max_batch, self.context, self.dtype, self.layout)
 
-    def prefill(self, slot: int, tokens, start: int, bucket: int, sampling: SlotSampling) -> jax.Array:
-        """Run ``tokens`` (one chunk, at most ``bucket`` ids) of a prompt at positions start.. on ``slot``;
-        ``start == 0`` clears the slot. Returns the token sampled after the chunk (device int32 [])."""
-        n = len(tokens)
-        ids = np.zeros(bucket, np.int32)
-        ids[:n] = tokens
-        pos = np.full(bucket, -1, np.int32)
-        pos[:n] = np.arange(start, start + n, dtype=np.int32)
+    def prefill(self, chunks: Sequence[Chunk], bucket: int) -> jax.Array:
+        """Run ``chunks`` (distinct slots, each at most ``bucket`` ids) in one call; returns the token
+        sampled after each chunk (device int32 [rows], the first ``len(chunks)`` are theirs)."""
+        rows = 1 if len(chunks) == 1 else prefill_rows(bucket, self.prefill_chunk, self.max_batch)
+        if not 1 <= len(chunks) <= rows or len({c.slot for c in chunks}) < len(chunks):
+            raise ValueError(f"prefill takes 1 to {rows} chunks of distinct slots in bucket {bucket}, "
+                             f"got slots {[c.slot for c in chunks]}")
+        slots = np.full(rows, self.max_batch, np.int32)  # padding rows: a slot past the end, never written
+        ids = np.zeros((rows, bucket), np.int32)
+        pos = np.full((rows, bucket), -1, np.int32)
+        last = np.zeros(rows, np.int32)
+        for r, c in enumerate(chunks):
+            n = len(c.tokens)
+            slots[r], ids[r, :n], last[r] = c.slot, c.tokens, n - 1
+            pos[r, :n] = np.arange(c.start, c.start + n, dtype=np.int32)
+        samplings = [c.sampling for c in chunks] + [chunks[0].sampling] * (rows - len(chunks))
+        sampling = jax.tree.map(lambda *xs: np.stack(xs), *samplings)
         prefill, _ = jitted()
-        self.state, token = prefill(self.graphdef, self.params, self.state, np.int32(slot), ids, pos, np.int32(n - 1),
-                                    sampling)
-        return token
+        self.state, tokens = prefill(self.graphdef, self.params, self.state, slots, ids, pos, last, sampling)
+        return tokens
 
     def decode(self, active: np.ndarray):
         """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits)."""
@@ -142,25 +176,25 @@ def jitted():
             jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3, compiler_options=opts))
 
 
-def _prefill(graphdef, params, state: DecodeState, slot, tokens, positions, last, sampling: SlotSampling):
+def _prefill(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling):
+    """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row."""
     model = nnx.merge(graphdef, params)
-    fresh = positions[0] == 0
+    fresh = positions[:, 0] == 0
 
-    def row(c: LayerCache) -> LayerCache:
-        k, v, pos = (jax.lax.dynamic_index_in_dim(a, slot, 0) for a in c)
-        return LayerCache(k, v, jnp.where(fresh, -1, pos))
+    def rows(c: LayerCache) -> LayerCache:
+        k, v, pos = (jnp.take(a, slots, axis=0, mode="clip") for a in c)
+        return LayerCache(k, v, jnp.where(fresh[:, None], -1, pos))
 
-    h, rows = model.hidden_states(tokens[None], positions[None], [row(c) for c in state.cache])
-    logits = model.unembed(jax.lax.dynamic_index_in_dim(h[0], last, 0))  # [1, V]
-    one = jax.tree.map(lambda a: jnp.asarray(a)[None], sampling)
-    token = sample(logits, one, jnp.zeros(1, jnp.int32))[0]
-    cache = [LayerCache(*(jax.lax.dynamic_update_index_in_dim(a, r, slot, 0) for a, r in zip(c, rc)))
-             for c, rc in zip(state.cache, rows)]
+    h, cache_rows = model.hidden_states(tokens, positions, [rows(c) for c in state.cache])
+    logits = model.unembed(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [R, V]
+    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32))
+    put = lambda a, x: a.at[slots].set(x, mode="drop")  # noqa: E731 - padding rows are dropped
+    cache = [LayerCache(*map(put, c, rc)) for c, rc in zip(state.cache, cache_rows)]
     s = state.slots
-    put = lambda a, x: a.at[slot].set(x)  # noqa: E731
-    slots = Slots(put(s.tokens, token), put(s.positions, positions[last] + 1), put(s.counts, 1),
+    next_pos = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1
+    armed = Slots(put(s.tokens, new), put(s.positions, next_pos), put(s.counts, jnp.ones_like(slots)),
                   jax.tree.map(put, s.sampling, sampling))
-    return DecodeState(cache, slots), token
+    return DecodeState(cache, armed), new
 
 
 def _decode(graphdef, return_logits: bool, params, state: DecodeState, active):
