@@ -172,8 +172,9 @@ class Engine:
     ``max_batch`` slots decode together; ``context`` bounds prompt + completion per request (it sizes
     the KV cache: see :func:`gptoss_jax.layers.kv_cache.cache_bytes`); prompts are prefilled in chunks
     of at most ``prefill_chunk`` tokens, and one prefill call runs at most ``prefill_chunk`` tokens
-    (chunks of several prompts together when they are short). Use :meth:`start` / :meth:`stop` (or ``with Engine(...)``)
-    for a background loop and :meth:`submit` from any thread, or :meth:`generate` alone.
+    (chunks of several prompts together when they are short). Use :meth:`start` / :meth:`stop` (or
+    ``with Engine(...)``) for a background loop and :meth:`submit` from any thread, or :meth:`generate`
+    alone.
     """
 
     def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256):

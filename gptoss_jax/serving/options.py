@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, ckpt: bool = True, max_
     g.add_argument("--context", type=int, default=4096,
                    help="tokens per sequence, prompt + generated (capped at the model's maximum)")
     g.add_argument("--max-batch", type=int, default=max_batch, help="sequences decoded together")
-    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill call (chunks of several short prompts share one call)")
+    g.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per prefill call (chunks of several short prompts share one call)")
     g.add_argument("--vocab", default=None,
                    help=f"o200k_base.tiktoken file or its folder (default ${VOCAB_ENV}, the tiktoken cache, "
                         "else download)")
