@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
             convert_checkpoint(args.src, args.dst, experts=args.experts, dtype=args.dtype, layout=args.layout,
                                progress=progress, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # CheckpointError, SafetensorsError, ConfigError, FileExistsError, disk full
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 1
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        # the user's input (bad folder, existing DST): 2, like a usage error; the system's (disk full): 1
+        return 2 if isinstance(e, (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)) else 1
     except KeyboardInterrupt:
         print("convert: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -87,3 +87,138 @@ def test_help_and_usage_errors(o200k_path):
     bad = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "generate", "--prompt", "x"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--ckpt" in bad.stderr
+
+
+# ------------------------------------------------------------------ argument errors: before any model load
+def _main(argv, capsys, monkeypatch):
+    """Run ``gptoss-jax ARGV`` in this process with the model load replaced by a tripwire; returns
+    (exit status, stderr lines)."""
+    from gptoss_jax import cli
+    from gptoss_jax.serving import options
+
+    def tripwire(*a, **k):
+        raise AssertionError("the model load started: the argument was not validated first")
+
+    monkeypatch.setattr(options, "build_engine", tripwire)
+    capsys.readouterr()
+    try:
+        code = cli.main(["--log-level", "WARNING", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    return code, capsys.readouterr().err.splitlines()
+
+
+def _command(name):
+    """The command with its other required arguments (serve: any free port, not 8000)."""
+    return {"generate": ["generate", "--prompt", "hi"], "serve": ["serve", "--port", "0"]}.get(name, [name])
+
+
+@pytest.fixture
+def busy_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def bad_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a checkpoint")
+    (tmp_path / "half_converted" / "params").mkdir(parents=True)  # a conversion that never finished
+    return tmp_path
+
+
+BAD = [  # (arguments after the command and --ckpt, fragment of the one error line)
+    (["--temperature", "-1"], "--temperature: must be in [0, inf)"),
+    (["--temperature", "nan"], "--temperature: must be in [0, inf)"),
+    (["--top-p", "2"], "--top-p: must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k: must be >= 0"),
+    (["--max-tokens", "0"], "--max-tokens: must be >= 1"),
+    (["--context", "0"], "--context: must be >= 1"),
+    (["--max-batch", "0"], "--max-batch: must be >= 1"),
+    (["--prefill-chunk", "0"], "--prefill-chunk: must be >= 1"),
+    (["--seed", "1e23"], "--seed: '1e23' is not an integer"),
+    (["--seed", "-1"], "--seed: must be in [0, 9223372036854775807]"),
+    (["--mesh", "expert=16"], "needs 16 devices, only 8 available"),  # conftest: 8 CPU devices
+    (["--mesh", "experts=2"], "is not AXIS=SIZE"),
+    (["--coordinator", "127.0.0.1:1234"], "needs --num-processes and --process-id"),
+    (["--vocab", "/nonexistent/o200k_base.tiktoken"], "not found"),
+]
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize("extra, message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_argument_is_one_error_line_before_the_model_loads(command, extra, message, tiny_hf, capsys,
+                                                               monkeypatch):
+    code, err = _main([*_command(command), "--ckpt", str(tiny_hf), *extra], capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("missing", "no such folder"), ("a_file", "not a folder"), ("empty", "unknown layout"),
+    ("half_converted", "incomplete gptoss-jax checkpoint"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_bad_checkpoint_folder_is_one_error_line(command, folder, message, bad_folders, capsys, monkeypatch):
+    code, err = _main([*_command(command), "--ckpt", str(bad_folders / folder)], capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --ckpt {bad_folders / folder}: "), err
+    assert message in err[0], err
+
+
+def test_busy_port_is_refused_before_the_model_loads(tiny_hf, busy_port, capsys, monkeypatch):
+    code, err = _main(["serve", "--ckpt", str(tiny_hf), "--port", str(busy_port)], capsys, monkeypatch)
+    assert code == 2 and err == [f"error: --port {busy_port}: cannot listen on 127.0.0.1:{busy_port} "
+                                 f"(Address already in use)"], err
+    code, err = _main(["demo", "--serve", "--port", str(busy_port), "--dir", "/nonexistent/never-written"],
+                      capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and "Address already in use" in err[0], err
+
+
+def test_valid_arguments_reach_the_model_load(tiny_hf, capsys, monkeypatch):
+    """The tripwire above really is where the load starts: arguments that pass validation reach it."""
+    with pytest.raises(AssertionError, match="the model load started"):
+        _main(["serve", "--ckpt", str(tiny_hf), "--port", "0", "--mesh", "expert=4,model=2", "--top-p", "0.5",
+               "--temperature", "0"], capsys, monkeypatch)
+
+
+def test_user_errors_in_a_real_process_print_no_traceback(tmp_path):
+    """One line and status 2 as a user sees it; ``--log-level DEBUG`` shows the traceback."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "gptoss_jax.cli", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    missing = str(tmp_path / "nope")
+    p = run("generate", "--prompt", "x", "--ckpt", missing)
+    assert p.returncode == 2 and p.stderr == f"error: --ckpt {missing}: no such folder\n", p.stderr
+    p = run("--log-level", "DEBUG", "generate", "--prompt", "x", "--ckpt", missing)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "UsageError: --ckpt" in p.stderr, p.stderr[-2000:]
+    p = run("convert", str(tmp_path), str(tmp_path / "out"))
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_ctrl_c_at_the_chat_prompt_asks_again_and_ctrl_d_exits():
+    """Ctrl-C at the prompt keeps the session (a hint, then the prompt again); Ctrl-D ends it."""
+    import argparse
+    import io
+
+    from gptoss_jax.serving.cli_chat import INTERRUPT_HINT, chat
+
+    keys = iter([KeyboardInterrupt, "/effort low", KeyboardInterrupt, EOFError, "never read"])
+    prompts = []
+
+    def read(prompt):
+        prompts.append(prompt)
+        key = next(keys)
+        if isinstance(key, type):
+            raise key
+        return key
+
+    err = io.StringIO()
+    args = argparse.Namespace(reasoning_effort="high", system=None, ckpt="ck", hide_reasoning=False)
+    chat(None, None, args, read=read, err=err)  # no generation happens: only commands and keys
+    assert prompts == [">>> "] * 4
+    assert err.getvalue().count(INTERRUPT_HINT) == 2 and "(reasoning effort low)" in err.getvalue()

@@ -242,7 +242,7 @@ def test_disk_full_leaves_nothing(tmp_path, tiny_hf):
             f"sys.exit(m.main([{str(tiny_hf)!r}, {str(dst)!r}]))\n")
     result = run_python(code)
     assert result.returncode == 1, result.stderr
-    assert "convert: error:" in result.stderr and "out of disk space" in result.stderr, result.stderr[-2000:]
+    assert "error:" in result.stderr and "out of disk space" in result.stderr, result.stderr[-2000:]
     assert os.listdir(tmp_path) == []
 
 
@@ -312,7 +312,7 @@ def test_cli_commands(tmp_path, tiny_hf, tokens):
     assert gptoss_jax_main(["convert", str(src), str(tmp_path / "ours")]) == 0
     assert set(TOKENIZER_FILES) <= set(os.listdir(tmp_path / "ours"))
     same_logits(tiny_hf, tmp_path / "ours", tokens, dtype=jnp.bfloat16)
-    assert gptoss_jax_main(["convert", str(src), str(tmp_path / "ours")]) == 1  # exists
+    assert gptoss_jax_main(["convert", str(src), str(tmp_path / "ours")]) == 2  # exists: a user error
     # python -m convert, not on a terminal: one log line per stage, no progress bar
     result = subprocess.run([sys.executable, "-m", "convert", "--to-official", str(tmp_path / "ours"),
                              str(tmp_path / "hf"), "--max-shard-size", "300KB"], cwd=ROOT, capture_output=True,

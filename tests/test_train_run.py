@@ -144,4 +144,4 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(config, tmp_path):
 def test_config_errors_reach_the_command_line(config, tmp_path):
     proc = subprocess.run(_cmd(config, tmp_path / "x", "--set", "lora.rank=-1"), cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "field 'lora.rank' must be a positive integer" in proc.stderr
+    assert proc.returncode == 2 and "field 'lora.rank' must be a positive integer" in proc.stderr

@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = load(args.config, parse_overrides(args.set, args.overrides))
         summary = train(cfg)
     except (TrainConfigError, DataError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2  # a bad config or data file is the user's: 2
     print(f"final loss {summary['final_loss']}; metrics {summary['metrics']}; loss curve {summary['loss_png']}; "
           f"checkpoints {summary['checkpoints']}" + (f"; merged model {summary['merged']}" if "merged" in summary else ""))
     return 0

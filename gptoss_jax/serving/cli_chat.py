@@ -2,7 +2,8 @@
 
 The reasoning (analysis channel) is printed dimmed on stderr, apart from the answer. Commands:
 ``/reset`` starts over, ``/effort low|medium|high`` changes the reasoning effort, ``/exit`` (or
-Ctrl-D) quits; Ctrl-C stops the current answer.
+Ctrl-D) quits; Ctrl-C stops the current answer, and at the prompt only clears the line (the
+conversation is kept).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gptoss_jax.harmony import REASONING_EFFORTS
 from gptoss_jax.serving import options
 
 HELP = "commands: /reset, /effort low|medium|high, /exit"
+INTERRUPT_HINT = "(Ctrl-C clears the line; /exit or Ctrl-D quits)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_sampling_arguments(parser, max_tokens=2048)
 
 
+validate = options.validate
+
+
 def chat(engine, fmt, args: argparse.Namespace, read=input, err=None) -> None:
-    """The read-generate-print loop; ``read(prompt) -> str`` raises EOFError to end."""
+    """The read-generate-print loop; ``read(prompt) -> str`` raises EOFError to end (Ctrl-D), and
+    KeyboardInterrupt (Ctrl-C) to ask again."""
     from gptoss_jax.serving.console import Printer, stream_chat
 
     err = err or sys.stderr
@@ -33,9 +39,12 @@ def chat(engine, fmt, args: argparse.Namespace, read=input, err=None) -> None:
     while True:
         try:
             line = read(">>> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             print(file=err)
             return
+        except KeyboardInterrupt:
+            print(f"\n{INTERRUPT_HINT}", file=err)
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):

@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(context=1024, prefill_chunk=32)  # few chunk shapes to compile: a quick first run
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Before anything is written or loaded: the shared checks, and with ``--serve`` a free port."""
+    options.validate(args)
+    if args.serve:
+        options.check_port(args.host, args.port)
+
+
 def make_checkpoint(folder: str, seed: int = 0) -> str:
     """The random tiny-harmony checkpoint in ``folder/tiny-harmony-random`` (official transformers layout),
     written once (to a temporary folder renamed at the end) and reused afterwards."""

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     options.add_sampling_arguments(parser)
 
 
+validate = options.validate
+
+
 def generate(engine, fmt, args: argparse.Namespace, prompt: str):
     """Stream one generation for ``prompt`` to stdout/stderr; returns the console Result."""
     from gptoss_jax.serving.console import Printer, stream_chat, stream_raw

@@ -26,10 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=options.integer(0, 65535), default=8000)
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV}; none = open)")
     g.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint folder's name)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Before the model loads: the shared checks and that ``--host:--port`` is free."""
+    options.validate(args)
+    options.check_port(args.host, args.port)
 
 
 def model_name(args: argparse.Namespace, ckpt: str) -> str:

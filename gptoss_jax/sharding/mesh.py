@@ -83,16 +83,37 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     """
     if coordinator is None:
         return
+    check_process_arguments(coordinator, num_processes, process_id)
     if coordinator == "auto":
         jax.distributed.initialize()
     else:
-        if num_processes is None or process_id is None:
-            raise ValueError(f"--coordinator {coordinator} needs --num-processes and --process-id")
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id} is outside 0..{num_processes - 1}")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     log.info("process %d of %d: %d local devices, %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+
+
+def check_process_arguments(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """The multi-host arguments are complete and consistent (ValueError naming the argument otherwise)."""
+    if coordinator is None or coordinator == "auto":
+        return
+    if num_processes is None or process_id is None:
+        raise ValueError(f"--coordinator {coordinator} needs --num-processes and --process-id")
+    if num_processes < 1:
+        raise ValueError(f"--num-processes {num_processes} must be >= 1")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id {process_id} is outside 0..{num_processes - 1}")
+
+
+def check_mesh_arguments(args: argparse.Namespace) -> None:
+    """Check the mesh arguments before anything loads: the multi-host ones, and on one process that
+    ``--mesh`` parses and fits the local devices (ValueError otherwise). Several processes: the
+    global device count is known only after joining, in :func:`mesh_from_args`."""
+    check_process_arguments(args.coordinator, args.num_processes, args.process_id)
+    if args.mesh is not None and args.coordinator is None:
+        try:
+            parse_mesh_spec(args.mesh, jax.device_count())
+        except ValueError as e:
+            raise ValueError(f"--mesh: {e}") from None
 
 
 def _env_int(name: str) -> int | None:
