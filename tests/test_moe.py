@@ -11,6 +11,7 @@ import torch
 from gptoss_jax import mxfp4
 from gptoss_jax.layers.moe import experts_forward, router, swiglu
 from tests.reference import to_np
+from tests.tolerance import EPS, U, assert_within, dot_bound, gamma
 
 
 def _experts(model, layer, fmt):
@@ -34,10 +35,20 @@ def test_router_matches_reference(layer, reference_run, tiny_model):
     _, _, records, _ = reference_run
     (x,), _, (_, scores, indices) = records[f"model.layers.{layer}.mlp.router"]
     mlp = tiny_model.layers[layer].mlp
-    weights, ids = router(jnp.asarray(to_np(x)), mlp.router_kernel[...], mlp.router_bias[...], mlp.top_k)
-    np.testing.assert_array_equal(np.asarray(ids), indices.numpy())  # top-k, in torch.topk order
-    np.testing.assert_allclose(np.asarray(weights), to_np(scores), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)  # softmax over the k only
+    x, kernel, bias, k = to_np(x), np.asarray(mlp.router_kernel[...]), np.asarray(mlp.router_bias[...]), mlp.top_k
+    weights, ids = router(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias), k)
+    weights, ids = np.asarray(weights), np.asarray(ids)
+    np.testing.assert_array_equal(ids, indices.numpy())  # top-k, in torch.topk order
+    # logits: H products and the bias summed in float32 on each side
+    dl = np.take_along_axis(dot_bound(x, kernel, "nh,he->ne", extra_terms=1) + 2 * U * np.abs(bias), ids, -1)
+    # softmax over the k: w_i moves by w_i (dl_i + sum_j w_j dl_j) for logit errors dl, plus each side's own
+    # rounding: l_i - max (u |l_i - max| into exp), exp (1 ulp), the k-term sum and the division
+    logits = np.take_along_axis(x.astype(np.float64) @ kernel + bias, ids, -1)
+    own = 2 * (U * (logits.max(-1, keepdims=True) - logits) + EPS + gamma(k + 1))
+    bound = weights * (dl + (weights * dl).sum(-1, keepdims=True) + own)
+    assert_within(weights, to_np(scores), bound, "router weights")
+    # softmax over the k only: k quotients of one k-term sum, summed again: gamma(2k + 1)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=gamma(2 * k + 1))
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense"])
