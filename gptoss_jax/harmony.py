@@ -148,8 +148,11 @@ def _tool_descriptions(tools) -> list[oh.ToolDescription]:
     out = []
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+        if fn is None or tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
             raise ChatFormatError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ...}}}}")
+        for key, kind in (("name", str), ("description", str), ("parameters", dict)):
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise ChatFormatError(f"tools[{i}].function.{key}: expected {'a string' if kind is str else 'an object'}")
         _no_long_piece(json.dumps(fn, ensure_ascii=False), f"tools[{i}]")
         out.append(oh.ToolDescription.new(fn["name"], fn.get("description") or "", parameters=fn.get("parameters")))
     return out
@@ -187,6 +190,8 @@ class ChatFormat:
             elif role == "assistant":
                 turns += self._assistant(m, where, call_names, own)
             elif role == "tool":
+                if not all(isinstance(m.get(k, ""), (str, type(None))) for k in ("name", "tool_call_id")):
+                    raise ChatFormatError(f"{where}: name and tool_call_id must be strings")
                 name = m.get("name") or call_names.get(m.get("tool_call_id"))
                 if not name:
                     raise ChatFormatError(f"{where}: tool_call_id {m.get('tool_call_id')!r} matches no earlier tool call")
@@ -214,15 +219,19 @@ class ChatFormat:
                 raise ChatFormatError(f"{where}.reasoning_content: expected a string")
             out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(reasoning)).with_channel("analysis"))
         calls = m.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise ChatFormatError(f"{where}.tool_calls: expected a list")
         content = _text(m.get("content"), where)
         if content:  # said before tool calls it is a commentary preamble, else the final answer
             out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(content))
                        .with_channel("commentary" if calls else "final"))
         for j, call in enumerate(calls):
             fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not fn.get("name"):
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise ChatFormatError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
-            call_names[call.get("id")] = _no_long_piece(str(fn["name"]), f"{where}.tool_calls[{j}].function.name")
+            if not isinstance(call.get("id", ""), (str, type(None))):
+                raise ChatFormatError(f"{where}.tool_calls[{j}].id: expected a string")
+            call_names[call.get("id")] = _no_long_piece(fn["name"], f"{where}.tool_calls[{j}].function.name")
             if not isinstance(fn.get("arguments") or "", str):
                 raise ChatFormatError(f"{where}.tool_calls[{j}].function.arguments: expected a string")
             out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(fn.get("arguments") or "{}"))

@@ -36,6 +36,13 @@ def server(served):
     return served[0]
 
 
+@pytest.fixture(scope="module")
+def fmt(o200k_path):
+    from gptoss_jax.harmony import ChatFormat
+
+    return ChatFormat(o200k_path)
+
+
 def chat(content=None, **fields) -> bytes:
     messages = MESSAGES if content is None else [{"role": "user", "content": content}]
     return json.dumps({"model": MODEL, "messages": messages, **fields}).encode()
@@ -62,15 +69,13 @@ def test_pathological_runs_refused_fast(served, text):
     assert "panicked" not in log_text(served) and "stack backtrace" not in log_text(served)
 
 
-def test_long_run_within_the_bound_is_tokenized(served, o200k_path):
+def test_long_run_within_the_bound_is_tokenized(served, fmt):
     """40,000 'a' pass the byte bound (312 tokens at least): rendered in linear time, then the exact count
     (openai-harmony alone takes ~1 s, quadratic in the run)."""
-    from gptoss_jax.harmony import ChatFormat
-
     text = "a" * 40_000
     r, seconds = timed(raw_post, served[0], chat(text))
     err = assert_openai_error(r, 400, code="context_length_exceeded", param="messages")
-    n = len(ChatFormat(o200k_path).render([{"role": "user", "content": text}]))
+    n = len(fmt.render([{"role": "user", "content": text}]))
     assert f"take {n} tokens" in err["message"]
     assert seconds < 5, seconds
 
@@ -176,6 +181,7 @@ def stream_chat(server, i: int, max_tokens: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_64_concurrent_streams(server):
     before = wait_idle(server)
     stop = threading.Event()
@@ -214,14 +220,13 @@ class FailingEngine(ReplayEngine):
 
 
 @pytest.fixture(scope="module")
-def inproc(o200k_path):
+def inproc(fmt):
     from fastapi.testclient import TestClient
 
     from gptoss_jax.decode import SamplingParams
-    from gptoss_jax.harmony import ChatFormat
     from gptoss_jax.serving.server import create_app, render_pool
 
-    fmt, engine = ChatFormat(o200k_path), FailingEngine()
+    engine = FailingEngine()
     renderer = render_pool(fmt, engine.context, workers=1)
     app = create_app(engine, fmt, MODEL, context=engine.context, default_params=SamplingParams(max_tokens=64),
                      renderer=renderer, max_request_bytes=1000)
@@ -285,7 +290,11 @@ def test_sigterm_finishes_requests_in_flight(served):
     assert p.status_code == 200, p.text
     assert p.json()["choices"][0]["finish_reason"] == "length"
     assert proc.wait(30) == 0
-    # cut at the timeout (each had room for ~300 more tokens), not cancelled, not left to uvicorn's own cut
-    assert SHUTDOWN_S - 0.5 < seconds < SHUTDOWN_S + 5, seconds
-    assert p.json()["usage"]["completion_tokens"] < CONTEXT - p.json()["usage"]["prompt_tokens"]
+    assert seconds < SHUTDOWN_S + 5, seconds  # not left to uvicorn's own cut (SHUTDOWN_S + 5 s)
+    usage = p.json()["usage"]
+    if "shutdown timeout: ending" in log_text(served):  # cut at the timeout (as on a 2-core machine)
+        assert seconds > SHUTDOWN_S - 0.5, seconds
+        assert usage["completion_tokens"] < CONTEXT - usage["prompt_tokens"]
+    else:  # a fast machine generated the ~300 tokens within the timeout
+        assert usage["completion_tokens"] == CONTEXT - usage["prompt_tokens"]
     print(f"SIGTERM: stream and plain request ended after {seconds:.2f} s with finish_reason 'length'")

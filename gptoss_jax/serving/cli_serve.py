@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 
 from gptoss_jax.serving import options
 
@@ -68,6 +70,13 @@ def serve(engine, fmt, args: argparse.Namespace, name: str, renderer=None) -> No
         async def shutdown(self, sockets=None):
             app.state.begin_shutdown(args.shutdown_timeout)
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # shut down gracefully: exit 0 after the caller's cleanup, rather than uvicorn re-raising SIGTERM
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     log.info("serving %s at http://%s:%d/v1 (API key %s)", name, args.host, args.port,
              "required" if args.api_key else "not required")

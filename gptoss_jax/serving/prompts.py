@@ -74,7 +74,8 @@ def least_tokens(body: ChatCompletionRequest) -> int:
         if role in ("user", "tool"):
             n += MESSAGE_TOKENS
         if role == "assistant":
-            texts += [c["function"].get("arguments") or "" for c in m.get("tool_calls") or []
+            calls = m.get("tool_calls") if isinstance(m.get("tool_calls"), list) else []
+            texts += [c["function"].get("arguments") or "" for c in calls
                       if isinstance(c, dict) and isinstance(c.get("function"), dict)]
         n += sum(len(t.encode("utf-8")) // MAX_TOKEN_BYTES for t in texts if isinstance(t, str))
     return n
