@@ -187,6 +187,13 @@ def test_cut_inside_a_header_after_a_message(fmt):
     (dict(messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]), r"messages\[0\]: tool_call_id 'nope'"),
     (dict(messages=[{"role": "user", "content": "x"}], reasoning_effort="max"), "reasoning_effort"),
     (dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "web"}]), r"tools\[0\]"),
+    (dict(messages=[{"role": "user", "content": "x"}], tools=[{"function": {"name": "f", "parameters": 1}}]),
+     r"tools\[0\]\.function\.parameters"),
+    (dict(messages=[{"role": "assistant", "tool_calls": 3}]), r"messages\[0\]\.tool_calls: expected a list"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [{"id": [], "function": {"name": "f"}}]}]),
+     r"messages\[0\]\.tool_calls\[0\]\.id"),
+    (dict(messages=[{"role": "tool", "tool_call_id": {}, "content": "x"}]), r"messages\[0\]: name and tool_call_id"),
+    (dict(messages=[{"role": "assistant", "reasoning_content": ["x"]}]), r"messages\[0\]\.reasoning_content"),
 ])
 def test_bad_requests_name_the_field(fmt, request_, error):
     with pytest.raises(ChatFormatError, match=error):

@@ -154,6 +154,9 @@ def test_every_error_is_json(server):
     assert_openai_error(httpx.delete(f"{server}/health", timeout=10), 405)
     assert_openai_error(raw_post(server, b"\xff\xfe not utf-8"), 400)
     assert_openai_error(raw_post(server, b"[" * 100_000), 400)  # nesting deeper than the parser's recursion
+    non_ascii_key = {b"authorization": "Bearer sk-\u00e9t\u00e9".encode(), b"content-type": b"application/json"}
+    assert_openai_error(httpx.post(f"{server}/v1/chat/completions", content=chat(), headers=non_ascii_key, timeout=10),
+                        401, code="invalid_api_key")
 
 
 def stream_chat(server, i: int, max_tokens: int) -> dict:

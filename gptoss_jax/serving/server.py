@@ -202,7 +202,8 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
-        return ApiError(e.status_code, str(e.detail), code=None if e.status_code < 500 else "server_error").response()
+        return ApiError(e.status_code, str(e.detail),
+                        type_="invalid_request_error" if e.status_code < 500 else "server_error").response()
 
     @app.exception_handler(Exception)
     async def _crash(_, e: Exception):
@@ -229,7 +230,7 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
             return
         if not authorization:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip(), api_key):
+        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip().encode(), api_key.encode()):
             raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
     def model_card() -> dict:
