@@ -17,6 +17,7 @@ import atexit
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -24,12 +25,17 @@ import uuid
 
 import openai_harmony as oh
 
-from gptoss_jax.tokenizer import VOCAB_FILENAME, TextStream, find_vocab, load_tokenizer, read_vocab
+from gptoss_jax.tokenizer import (MAX_PIECE_CHARS, VOCAB_FILENAME, TextStream, encode_bounded, find_vocab,
+                                  load_tokenizer, long_piece, read_vocab)
 
 REASONING_EFFORTS = ("low", "medium", "high")
 #: header tokens after which output that never opened a message is taken for plain text (real headers,
 #: e.g. ' to=functions.get_weather<|channel|>commentary <|constrain|>json', take about a dozen)
 MAX_HEADER_TOKENS = 32
+#: a message text with a pre-tokenizer piece longer than this (characters) is tokenized by
+#: :func:`encode_bounded` instead of openai-harmony, whose BPE takes time quadratic in a piece's length
+#: (5 s for a run of 100,000 'a') and whose regex overflows its stack on ~1M spaces
+HARMONY_MAX_PIECE = 512
 
 
 class ChatFormatError(ValueError):
@@ -99,12 +105,55 @@ def _text(content, where: str) -> str:
     raise ChatFormatError(f"{where}.content: expected a string or a list of text parts")
 
 
+class _Spliced:
+    """Message texts that openai-harmony renders as a marker, replaced by :func:`encode_bounded` ids after.
+
+    Only for texts harmony tokenizes on their own (a message's content, between ``<|message|>`` and
+    ``<|end|>``/``<|call|>``/``<|return|>``), so the ids are the ones harmony would give.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.nonce = uuid.uuid4().hex
+        self.texts: list[tuple[list[int], str]] = []  # (marker ids, text)
+
+    def text(self, text: str) -> str:
+        """``text``, or a marker for it when it has a piece too long for openai-harmony."""
+        if not long_piece(text, HARMONY_MAX_PIECE):
+            return text
+        marker = f"\x00{self.nonce}:{len(self.texts)}\x00"
+        self.texts.append((self.tokenizer.encode_ordinary(marker), text))
+        return marker
+
+    def splice(self, ids: list[int]) -> list[int]:
+        """Rendered ``ids`` with each marker's ids replaced by its text's (a dropped message has none)."""
+        for marker, text in self.texts:
+            at = [i for i in range(len(ids) - len(marker) + 1) if ids[i] == marker[0] and ids[i:i + len(marker)] == marker]
+            if len(at) > 1:
+                raise RuntimeError(f"a text marker was rendered {len(at)} times")
+            if at:
+                ids = ids[:at[0]] + encode_bounded(self.tokenizer, text) + ids[at[0] + len(marker):]
+        return ids
+
+
+def _no_long_piece(text: str, where: str) -> str:
+    """``text`` if openai-harmony tokenizes it in bounded time inside a larger text, else ChatFormatError."""
+    if n := long_piece(text, MAX_PIECE_CHARS):
+        raise ChatFormatError(f"{where}: a run of {n} characters without a break (over {MAX_PIECE_CHARS}) is not "
+                              "supported here")
+    return text
+
+
 def _tool_descriptions(tools) -> list[oh.ToolDescription]:
     out = []
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+        if fn is None or tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
             raise ChatFormatError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ...}}}}")
+        for key, kind in (("name", str), ("description", str), ("parameters", dict)):
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise ChatFormatError(f"tools[{i}].function.{key}: expected {'a string' if kind is str else 'an object'}")
+        _no_long_piece(json.dumps(fn, ensure_ascii=False), f"tools[{i}]")
         out.append(oh.ToolDescription.new(fn["name"], fn.get("description") or "", parameters=fn.get("parameters")))
     return out
 
@@ -115,11 +164,13 @@ class ChatFormat:
     def __init__(self, vocab: str | os.PathLike | None = None):
         self.tokenizer = load_tokenizer(vocab)  # first: a tiktoken download lands in its cache, found next
         self.encoding = load_encoding(vocab)
+        self.vocab = find_vocab(vocab)  # the local file used (None: tiktoken's download), for worker processes
 
     def conversation(self, messages: list[dict], *, tools: list[dict] | None = None,
                      reasoning_effort: str = "medium", date: str | datetime.date | None = None,
-                     model_identity: str | None = None) -> oh.Conversation:
+                     model_identity: str | None = None, _spliced: _Spliced | None = None) -> oh.Conversation:
         """OpenAI-style ``messages`` (+ function ``tools``) -> a harmony Conversation."""
+        own = _spliced.text if _spliced is not None else (lambda text: text)  # a text harmony tokenizes alone
         if reasoning_effort not in REASONING_EFFORTS:
             raise ChatFormatError(f"reasoning_effort: expected one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
         system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(reasoning_effort.capitalize()))
@@ -133,17 +184,19 @@ class ChatFormat:
             where = f"messages[{i}]"
             role = m.get("role") if isinstance(m, dict) else None
             if role in ("system", "developer"):
-                instructions.append(_text(m.get("content"), where))
+                instructions.append(_no_long_piece(_text(m.get("content"), where), f"{where}.content"))
             elif role == "user":
-                turns.append(oh.Message.from_role_and_content(oh.Role.USER, _text(m.get("content"), where)))
+                turns.append(oh.Message.from_role_and_content(oh.Role.USER, own(_text(m.get("content"), where))))
             elif role == "assistant":
-                turns += self._assistant(m, where, call_names)
+                turns += self._assistant(m, where, call_names, own)
             elif role == "tool":
+                if not all(isinstance(m.get(k, ""), (str, type(None))) for k in ("name", "tool_call_id")):
+                    raise ChatFormatError(f"{where}: name and tool_call_id must be strings")
                 name = m.get("name") or call_names.get(m.get("tool_call_id"))
                 if not name:
                     raise ChatFormatError(f"{where}: tool_call_id {m.get('tool_call_id')!r} matches no earlier tool call")
-                author = oh.Author.new(oh.Role.TOOL, f"functions.{name}")
-                turns.append(oh.Message.from_author_and_content(author, _text(m.get("content"), where))
+                author = oh.Author.new(oh.Role.TOOL, f"functions.{_no_long_piece(str(name), where + '.name')}")
+                turns.append(oh.Message.from_author_and_content(author, own(_text(m.get("content"), where)))
                              .with_recipient("assistant").with_channel("commentary"))
             else:
                 raise ChatFormatError(f"{where}.role: expected system, developer, user, assistant or tool, got {role!r}")
@@ -158,30 +211,41 @@ class ChatFormat:
         return oh.Conversation.from_messages(head + turns)
 
     @staticmethod
-    def _assistant(m: dict, where: str, call_names: dict) -> list[oh.Message]:
+    def _assistant(m: dict, where: str, call_names: dict, own) -> list[oh.Message]:
         out = []
         reasoning = m.get("reasoning_content") or m.get("reasoning")
         if reasoning:
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, reasoning).with_channel("analysis"))
+            if not isinstance(reasoning, str):
+                raise ChatFormatError(f"{where}.reasoning_content: expected a string")
+            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(reasoning)).with_channel("analysis"))
         calls = m.get("tool_calls") or []
+        if not isinstance(calls, list):
+            raise ChatFormatError(f"{where}.tool_calls: expected a list")
         content = _text(m.get("content"), where)
         if content:  # said before tool calls it is a commentary preamble, else the final answer
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content)
+            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(content))
                        .with_channel("commentary" if calls else "final"))
         for j, call in enumerate(calls):
             fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not fn.get("name"):
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
                 raise ChatFormatError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
-            call_names[call.get("id")] = fn["name"]
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, fn.get("arguments") or "{}")
+            if not isinstance(call.get("id", ""), (str, type(None))):
+                raise ChatFormatError(f"{where}.tool_calls[{j}].id: expected a string")
+            call_names[call.get("id")] = _no_long_piece(fn["name"], f"{where}.tool_calls[{j}].function.name")
+            if not isinstance(fn.get("arguments") or "", str):
+                raise ChatFormatError(f"{where}.tool_calls[{j}].function.arguments: expected a string")
+            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(fn.get("arguments") or "{}"))
                        .with_channel("commentary").with_recipient(f"functions.{fn['name']}")
                        .with_content_type("<|constrain|>json"))
         return out
 
     def render(self, messages: list[dict], **options) -> list[int]:
-        """Prompt ids for the assistant's next turn (options as :meth:`conversation`)."""
-        return self.encoding.render_conversation_for_completion(self.conversation(messages, **options),
-                                                                oh.Role.ASSISTANT)
+        """Prompt ids for the assistant's next turn (options as :meth:`conversation`), as openai-harmony
+        renders them; message texts with runs over :data:`HARMONY_MAX_PIECE` characters are tokenized by
+        :func:`encode_bounded` (the same ids, in linear time; runs over ``MAX_PIECE_CHARS`` are cut)."""
+        spliced = _Spliced(self.tokenizer)
+        conversation = self.conversation(messages, **options, _spliced=spliced)
+        return spliced.splice(self.encoding.render_conversation_for_completion(conversation, oh.Role.ASSISTANT))
 
     def parser(self) -> "OutputParser":
         return OutputParser(self)

@@ -22,6 +22,7 @@ import hashlib
 import os
 import tempfile
 
+import regex
 import tiktoken
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
@@ -124,6 +125,40 @@ def _load(path: str | None) -> tiktoken.Encoding:
 def load_tokenizer(vocab: str | os.PathLike | None = None) -> tiktoken.Encoding:
     """The o200k_harmony ``tiktoken.Encoding`` (n_vocab 201088), from ``vocab`` or :func:`find_vocab`."""
     return _load(find_vocab(vocab))
+
+
+#: pre-tokenizer pieces longer than this (characters) are cut into pieces of this length before BPE by
+#: :func:`encode_bounded`. No o200k token is longer than 128 bytes, and ordinary text (prose, code, URLs,
+#: base64) has no piece anywhere near this long: only runs such as 10,000 'a' or spaces are cut.
+MAX_PIECE_CHARS = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _pretokenizer() -> regex.Pattern:
+    return regex.compile(O200K_PATTERN)
+
+
+def long_piece(text: str, limit: int) -> int:
+    """Length of the longest pre-tokenizer piece of ``text`` if it exceeds ``limit`` characters, else 0."""
+    if len(text) <= limit:
+        return 0
+    return max((n for m in _pretokenizer().finditer(text) if (n := m.end() - m.start()) > limit), default=0)
+
+
+def encode_bounded(tokenizer: tiktoken.Encoding, text: str, max_piece: int = MAX_PIECE_CHARS) -> list[int]:
+    """``tokenizer.encode_ordinary(text)`` in time linear in ``len(text)``, whatever the text.
+
+    Pre-tokenizes with the ``regex`` package (tiktoken's Rust regex overflows its stack on a run of
+    ~1M spaces) and runs BPE piece by piece (tokens never cross pieces, so this is exact), cutting pieces
+    longer than ``max_piece`` characters first: ids differ from tiktoken's only inside such runs.
+    """
+    core = tokenizer._core_bpe
+    out: list[int] = []
+    for m in _pretokenizer().finditer(text):
+        piece = m.group()
+        for i in range(0, len(piece), max_piece):
+            out += core.encode_single_piece(piece[i:i + max_piece].encode("utf-8"))
+    return out
 
 
 class TextStream:

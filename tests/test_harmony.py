@@ -187,7 +187,44 @@ def test_cut_inside_a_header_after_a_message(fmt):
     (dict(messages=[{"role": "tool", "tool_call_id": "nope", "content": "x"}]), r"messages\[0\]: tool_call_id 'nope'"),
     (dict(messages=[{"role": "user", "content": "x"}], reasoning_effort="max"), "reasoning_effort"),
     (dict(messages=[{"role": "user", "content": "x"}], tools=[{"type": "web"}]), r"tools\[0\]"),
+    (dict(messages=[{"role": "user", "content": "x"}], tools=[{"function": {"name": "f", "parameters": 1}}]),
+     r"tools\[0\]\.function\.parameters"),
+    (dict(messages=[{"role": "assistant", "tool_calls": 3}]), r"messages\[0\]\.tool_calls: expected a list"),
+    (dict(messages=[{"role": "assistant", "tool_calls": [{"id": [], "function": {"name": "f"}}]}]),
+     r"messages\[0\]\.tool_calls\[0\]\.id"),
+    (dict(messages=[{"role": "tool", "tool_call_id": {}, "content": "x"}]), r"messages\[0\]: name and tool_call_id"),
+    (dict(messages=[{"role": "assistant", "reasoning_content": ["x"]}]), r"messages\[0\]\.reasoning_content"),
 ])
 def test_bad_requests_name_the_field(fmt, request_, error):
     with pytest.raises(ChatFormatError, match=error):
         fmt.render(**request_)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_spliced_texts_equal_openai_harmony(fmt, name, monkeypatch):
+    """Every message text tokenized by encode_bounded and spliced in gives harmony's own ids."""
+    import gptoss_jax.harmony as harmony
+
+    request, messages = CONVERSATIONS[name]
+    expected = fmt.render(date=DATE, **request)
+    monkeypatch.setattr(harmony, "HARMONY_MAX_PIECE", 0)
+    assert fmt.render(date=DATE, **request) == expected
+
+
+def test_long_runs_render_in_linear_time(fmt):
+    """A run harmony takes quadratic time on (4,000 'a': ~10 ms; 100,000: ~5 s) gives harmony's ids, and a
+    100,000-character run renders fast."""
+    import time
+
+    messages = [{"role": "user", "content": "see: " + "a" * 4000 + " end"}]
+    raw = fmt.encoding.render_conversation_for_completion(fmt.conversation(messages, date=DATE), oh.Role.ASSISTANT)
+    assert fmt.render(messages, date=DATE) == raw
+    t0 = time.perf_counter()
+    ids = fmt.render([{"role": "user", "content": "b" * 100_000}, {"role": "assistant", "content": "!" * 100_000}])
+    assert time.perf_counter() - t0 < 2
+    assert fmt.tokenizer.decode(ids).count("b" * 100_000) == 1
+
+
+def test_long_runs_in_instructions_are_refused(fmt):
+    with pytest.raises(ChatFormatError, match=r"messages\[0\].content: a run of 5000 characters"):
+        fmt.render([{"role": "system", "content": "x" * 5000}, {"role": "user", "content": "hi"}])

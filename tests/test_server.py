@@ -6,91 +6,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-from convert.synthetic import write_random_checkpoint
-from gptoss_jax import PRESETS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEY = "sk-test-key"
-MODEL = "tiny-random"
-CONTEXT = 384
-MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
-STARTUP_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log_path: str, timeout: float = STARTUP_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{open(log_path).read()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"server not up after {timeout}s:\n{open(log_path).read()[-4000:]}")
+from tests.serving import (CONTEXT, KEY, MESSAGES, MODEL, ReplayEngine, assert_openai_error, health, raw_post,
+                           running_server, wait_idle)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, o200k_path):
     """`gptoss-jax serve` in a subprocess on 127.0.0.1:<free port>; yields its base URL."""
-    tmp = tmp_path_factory.mktemp("serve")
-    ckpt = write_random_checkpoint(tmp / MODEL, PRESETS["tiny-harmony"], seed=0)
-    port = free_port()
-    log_path = str(tmp / "server.log")
-    env = {**os.environ, "GPTOSS_VOCAB": o200k_path, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "gptoss_jax.cli", "serve", "--ckpt", ckpt, "--port", str(port), "--api-key", KEY,
-           "--max-batch", "4", "--context", str(CONTEXT), "--prefill-chunk", "16", "--max-tokens", "8"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log_path)
+    with running_server(tmp_path_factory.mktemp("serve"), o200k_path) as (url, _, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
-
-
-def health(server) -> dict:
-    return httpx.get(f"{server}/health", timeout=10).json()
-
-
-def wait_idle(server, timeout: float = 30) -> dict:
-    """Until no request is in flight in the server nor running in the engine."""
-    deadline = time.monotonic() + timeout
-    while True:
-        h = health(server)
-        if h["requests_in_flight"] == 0 and not h["engine"].get("active"):
-            return h
-        if time.monotonic() > deadline:
-            pytest.fail(f"slots still busy after {timeout}s: {h}")
-        time.sleep(0.2)
 
 
 def test_models(client):
@@ -159,21 +93,6 @@ def test_sixteen_concurrent_clients(client, server):
     assert after["engine"]["admitted_while_decoding"] > before["engine"].get("admitted_while_decoding", 0)
 
 
-def raw_post(server, body: bytes, key: str | None = KEY):
-    headers = {"content-type": "application/json"}
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    return httpx.post(f"{server}/v1/chat/completions", content=body, headers=headers, timeout=60)
-
-
-def assert_openai_error(response, status: int, code=None, param=None):
-    assert response.status_code == status, response.text
-    err = response.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    assert err["code"] == code and (param is None or err["param"] == param)
-    return err
-
-
 def test_errors(client, server):
     ok = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 1}).encode()
     assert_openai_error(raw_post(server, b"{not json"), 400)
@@ -182,7 +101,7 @@ def test_errors(client, server):
     assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, "temperature": "hot"}).encode()),
                         400, param="temperature")
     assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}).encode()),
-                        400, param="messages")
+                        400, param="messages[0].role")
     with pytest.raises(openai.BadRequestError) as e:  # prompt over the context
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * CONTEXT}])
     assert e.value.code == "context_length_exceeded"
@@ -233,34 +152,6 @@ def test_disconnect_mid_stream_frees_the_slot(client, server):
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
-
-
-class ReplayRequest:
-    """Stands in for an engine Request, yielding fixed ids (the engine needs trained weights to make them)."""
-
-    def __init__(self, tokens):
-        self.tokens, self.finish_reason, self.cancelled = tokens, None, False
-
-    async def aiter(self):
-        for t in self.tokens:
-            if self.cancelled:
-                break
-            yield t
-        self.finish_reason = "cancelled" if self.cancelled else "stop"
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class ReplayEngine:
-    context = 4096
-
-    def __init__(self):
-        self.outputs, self.prompts = [], []
-
-    def submit(self, prompt, params):
-        self.prompts.append(prompt)
-        return ReplayRequest(self.outputs.pop(0)[:params.max_tokens])
 
 
 @pytest.fixture(scope="module")

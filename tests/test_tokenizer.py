@@ -116,3 +116,33 @@ def test_text_stream_holds_back_split_characters(ours):
     assert "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces)
     assert any(p == "" for p in pieces)  # some emoji bytes span tokens and were held back
+
+
+SOURCES = [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f)
+           for f in ("README.md", "gptoss_jax/harmony.py", "gptoss_jax/tokenizer.py")]
+
+
+@pytest.mark.parametrize("text", CORPUS + [open(p, encoding="utf-8").read() for p in SOURCES]
+                         + ["x" * tk.MAX_PIECE_CHARS, " " * tk.MAX_PIECE_CHARS + "y", "ab" * 3000 + " !?" * 2000])
+def test_encode_bounded_equals_tiktoken(ours, text):
+    """Ordinary text (and runs up to MAX_PIECE_CHARS): the same ids as tiktoken."""
+    assert tk.encode_bounded(ours, text) == ours.encode_ordinary(text)
+
+
+def test_encode_bounded_cuts_only_longer_runs(ours):
+    """1M spaces overflow tiktoken's regex stack (a panic); cut into MAX_PIECE_CHARS pieces they do not,
+    and the text around the run keeps its ids."""
+    run = " " * 1_000_000
+    with pytest.raises(BaseException, match="StackOverflow"):
+        ours.encode_ordinary("x" + run + "y")
+    ids = tk.encode_bounded(ours, "Hello" + run + "world")
+    assert ours.decode(ids) == "Hello" + run + "world"
+    assert ids[0] == ours.encode_ordinary("Hello")[0] and ids[-1] == ours.encode_ordinary(" world")[-1]
+    assert tk.long_piece("a b " + "c" * 600, 512) == 601 and tk.long_piece("a b " * 600, 512) == 0
+
+
+def test_longest_token_bounds_the_byte_count(ours):
+    """The server's early context bound assumes no token is longer than MAX_TOKEN_BYTES bytes."""
+    from gptoss_jax.serving.prompts import MAX_TOKEN_BYTES
+
+    assert max(len(ours.decode_single_token_bytes(i)) for i in range(199998)) == MAX_TOKEN_BYTES

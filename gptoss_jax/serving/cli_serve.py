@@ -7,10 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 
 from gptoss_jax.serving import options
+
+MAX_REQUEST_BYTES = 8 << 20  # = gptoss_jax.serving.server.MAX_REQUEST_BYTES (not imported: FastAPI loads slowly)
+#: after --shutdown-timeout, the seconds the ended requests get to send their last bytes
+SHUTDOWN_GRACE_S = 5.0
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "GPTOSS_API_KEY"
@@ -30,6 +36,15 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV}; none = open)")
     g.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint folder's name)")
+    g.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                   help=f"refuse larger request bodies with 413 (default {MAX_REQUEST_BYTES >> 20} MiB)")
+    g.add_argument("--render-workers", type=int, default=2,
+                   help="processes parsing and rendering requests off the event loop (default 2)")
+    g.add_argument("--render-timeout", type=float, default=10.0,
+                   help="seconds one request may take to parse and render before a 413 (default 10)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are ended "
+                        "with finish_reason 'length' (default 30)")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -42,27 +57,56 @@ def model_name(args: argparse.Namespace, ckpt: str) -> str:
     return args.model_name or os.path.basename(os.path.normpath(ckpt))
 
 
-def serve(engine, fmt, args: argparse.Namespace, name: str) -> None:
-    """Run the server on ``engine`` until interrupted (the caller stops the engine)."""
+def serve(engine, fmt, args: argparse.Namespace, name: str, renderer=None) -> None:
+    """Run the server on ``engine`` until SIGTERM/SIGINT, then shut down gracefully (the caller stops
+    the engine): the listener closes, requests in flight get ``--shutdown-timeout`` seconds, then end."""
     import uvicorn
 
-    from gptoss_jax.serving.server import create_app
+    from gptoss_jax.serving.server import create_app, render_pool
 
+    if renderer is None:
+        renderer = render_pool(fmt, engine.context, args.reasoning_effort, workers=args.render_workers,
+                               timeout=args.render_timeout)
+        renderer.wait_ready()
     app = create_app(engine, fmt, name, context=engine.context, default_params=options.sampling_params(args),
-                     api_key=args.api_key, reasoning_effort=args.reasoning_effort)
+                     api_key=args.api_key, reasoning_effort=args.reasoning_effort,
+                     max_request_bytes=args.max_request_bytes, renderer=renderer)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.begin_shutdown(args.shutdown_timeout)
+            await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                # shut down gracefully: exit 0 after the caller's cleanup, rather than uvicorn re-raising SIGTERM
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
     log.info("serving %s at http://%s:%d/v1 (API key %s)", name, args.host, args.port,
              "required" if args.api_key else "not required")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
-                timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=args.host, port=args.port,
+                            log_level=logging.getLevelName(log.getEffectiveLevel()).lower(),
+                            timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_GRACE_S)
+    Server(config).run()
 
 
 def run(args: argparse.Namespace) -> int:
     from gptoss_jax.harmony import ChatFormat
+    from gptoss_jax.serving.server import render_pool
 
     fmt = ChatFormat(args.vocab)
-    engine = options.build_engine(args.ckpt, args)
+    engine = None
+    # the render workers start while the model loads
+    renderer = render_pool(fmt, args.context, args.reasoning_effort, workers=args.render_workers,
+                           timeout=args.render_timeout)
     try:
-        serve(engine, fmt, args, model_name(args, args.ckpt))
+        engine = options.build_engine(args.ckpt, args)
+        renderer.wait_ready()
+        serve(engine, fmt, args, model_name(args, args.ckpt), renderer)
     finally:
-        engine.stop()
+        renderer.close()
+        if engine is not None:
+            engine.stop()
     return 0

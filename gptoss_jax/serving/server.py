@@ -3,8 +3,14 @@
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``
 (streaming SSE or not). Reasoning (the analysis channel) is returned as ``reasoning_content`` apart from
 ``content``; function ``tools`` come back as ``tool_calls`` with finish_reason ``"tool_calls"``.
-All concurrent requests are submitted to one engine, which decodes them in one batch. Errors use
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+All concurrent requests are submitted to one engine, which decodes them in one batch. Every error,
+inside a stream too, is JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Untrusted input: a body over ``max_request_bytes`` is refused (413) as it arrives; parsing, validation
+and rendering run in worker processes (:mod:`gptoss_jax.serving.prompts`) with a time budget, so the
+event loop (``/health``, streams) never waits on them. On shutdown, :func:`begin_shutdown` (called when
+the listener closes) lets requests run ``shutdown_timeout`` seconds, then ends them with finish_reason
+``"length"``, a complete response and, for streams, the final chunk and ``data: [DONE]``.
 """
 from __future__ import annotations
 
@@ -13,81 +19,30 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import secrets
 import time
 import uuid
-from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from gptoss_jax.harmony import ChatFormat, ChatFormatError, Delta
+from gptoss_jax.harmony import ChatFormat, Delta
+from gptoss_jax.serving.api import MAX_SEED, ApiError, ChatCompletionRequest, validation_error
+from gptoss_jax.serving.prompts import Preparer
+from gptoss_jax.serving.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 #: how often a non-streaming request checks whether its client is still there (seconds)
 DISCONNECT_POLL_S = 0.5
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The fields we act on; other OpenAI fields are accepted and ignored, except those in
-    :data:`NEUTRAL_VALUES`, which would change the answer: set to anything but a neutral value they are
-    refused rather than ignored."""
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
-
-    def unsupported(self) -> tuple[str, Any] | None:
-        """(field, value) of the first field set to a value this server cannot honour, or None."""
-        extra = self.model_extra or {}
-        return next(((name, extra[name]) for name, honoured in NEUTRAL_VALUES.items()
-                     if name in extra and not honoured(extra[name])), None)
-
-
-#: OpenAI fields that would change the answer, each with a test of the (neutral) values this server honours.
-NEUTRAL_VALUES = {
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
-    "logit_bias": lambda v: not v,
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-}
+#: default request body cap: the longest prompt a 131,072-token context holds is ~0.5 MB of text (about
+#: 4 bytes a token), ~3 MB as JSON in the worst escaping (\uXXXX, 6 bytes a UTF-16 unit); 8 MiB leaves
+#: room for tool schemas and history while bounding what one request can make the server hold and parse
+MAX_REQUEST_BYTES = 8 << 20
+#: a body over the cap is still read (and discarded, up to this much) so the client sees the 413
+DRAIN_BYTES = 64 << 20
 
 
 class StopStrings:
@@ -126,6 +81,12 @@ class Choice:
         self.tokens = 0
         self.content = ""
         self.finish_reason: str | None = None
+        self.cut = False  # ended by the server's shutdown: finish_reason "length"
+
+    def end(self) -> None:
+        """End generation now (shutdown): the answer so far is returned with finish_reason "length"."""
+        self.cut = True
+        self.request.cancel()
 
     async def deltas(self):
         """Async iterator of Deltas (stop strings applied to the content); sets ``finish_reason``."""
@@ -144,6 +105,8 @@ class Choice:
             self.content += rest
             yield Delta("content", rest)
         reason = "stop" if self.stops.hit else self.request.finish_reason
+        if reason == "cancelled" and self.cut:
+            reason = "length"
         if reason == "error":
             raise ApiError(500, "generation failed (see the server log)", type_="server_error")
         self.finish_reason = "tool_calls" if reason == "stop" and self.parser.output.tool_calls else reason
@@ -211,16 +174,22 @@ async def _merge(iterators):
 
 
 def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, default_params,
-               api_key: str | None = None, reasoning_effort: str = "medium") -> FastAPI:
+               api_key: str | None = None, reasoning_effort: str = "medium",
+               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name``.
 
     context: tokens per sequence (prompt + generated) of the engine; default_params: the
     SamplingParams whose fields a request overrides; api_key: when set, requests to /v1 need
-    ``Authorization: Bearer <api_key>``.
+    ``Authorization: Bearer <api_key>``; max_request_bytes: the body cap (413 above);
+    renderer: the worker pool preparing prompts (:func:`render_pool`; by default two workers, 10 s).
+    ``app.state.begin_shutdown(timeout)`` starts the graceful shutdown (see the module docstring).
     """
     app = FastAPI(title="gptoss-jax", version="0.1.0")
-    live: set = set()  # engine requests the server is waiting on
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    renderer = renderer or render_pool(fmt, context, reasoning_effort)
+    live: dict = {}  # engine request -> Choice, for the requests the server is waiting on
     counters = {"requests": 0, "completed": 0, "cancelled": 0}
+    shutdown = {"draining": False, "ended": False}
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -229,28 +198,39 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
-        errors = e.errors() or [{"msg": "invalid request body"}]
-        if errors[0].get("type") == "json_invalid":
-            return ApiError(400, f"The body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}").response()
-        where = [".".join(str(x) for x in err.get("loc", ()) if x != "body") for err in errors]
-        msg = "; ".join(f"{w or 'body'}: {err.get('msg')}" for w, err in zip(where, errors))
-        return ApiError(400, msg, param=where[0] or None).response()
+        return validation_error(e.errors()).response()
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
-        return ApiError(e.status_code, str(e.detail)).response()
+        return ApiError(e.status_code, str(e.detail),
+                        type_="invalid_request_error" if e.status_code < 500 else "server_error").response()
 
     @app.exception_handler(Exception)
     async def _crash(_, e: Exception):
         log.exception("request failed")
         return ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").response()
 
+    def begin_shutdown(timeout: float) -> None:
+        shutdown["draining"] = True
+        log.info("shutting down: %d requests in flight get %g s to finish", len(live), timeout)
+        asyncio.get_running_loop().call_later(timeout, end_all)
+
+    def end_all() -> None:
+        shutdown["ended"] = True
+        if live:
+            log.warning("shutdown timeout: ending %d requests (finish_reason 'length')", len(live))
+        for c in list(live.values()):
+            c.end()
+
+    app.state.begin_shutdown = begin_shutdown
+    app.state.renderer = renderer
+
     async def authorize(authorization: str | None = Header(None)):
         if api_key is None:
             return
         if not authorization:
             raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip(), api_key):
+        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip().encode(), api_key.encode()):
             raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
     def model_card() -> dict:
@@ -263,8 +243,8 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "context": context, "requests_in_flight": len(live),
-                **counters, "engine": engine_status(engine)}
+        return {"status": "shutting_down" if shutdown["draining"] else "ok", "model": model_name, "context": context,
+                "requests_in_flight": len(live), "rendering": renderer.busy, **counters, "engine": engine_status(engine)}
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
@@ -278,12 +258,10 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     def sampling(body: ChatCompletionRequest, index: int):
         fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "seed") if getattr(body, k) is not None}
         if body.seed is not None:
-            fields["seed"] = body.seed + index  # n > 1: distinct but reproducible
+            fields["seed"] = (body.seed + index) % (MAX_SEED + 1)  # n > 1: distinct but reproducible
         fields["max_tokens"] = body.max_completion_tokens or body.max_tokens or default_params.max_tokens
-        try:  # the engine stops at the end of the context whatever max_tokens says
-            return dataclasses.replace(default_params, **fields)
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
+        # the schema bounds every field; the engine stops at the end of the context whatever max_tokens says
+        return dataclasses.replace(default_params, **fields)
 
     def submit(body: ChatCompletionRequest, prompt: list[int]) -> list[Choice]:
         if len(prompt) >= context:
@@ -295,8 +273,10 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
         try:
             for i, p in enumerate(params):
                 choices.append(Choice(i, engine.submit(prompt, p), fmt, stops))
-                live.add(choices[-1].request)
+                live[choices[-1].request] = choices[-1]
                 counters["requests"] += 1
+                if shutdown["ended"]:  # rendered after the shutdown timeout: answered at once
+                    choices[-1].end()
         except ValueError as e:  # the engine refused the prompt
             release(choices)
             raise ApiError(400, str(e), param="messages") from None
@@ -305,7 +285,7 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     def release(choices: list[Choice]) -> None:
         for c in choices:
             if c.request in live:
-                live.discard(c.request)
+                del live[c.request]
                 if c.finish_reason is None:
                     c.request.cancel()
                     counters["cancelled"] += 1
@@ -316,18 +296,25 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
         n = sum(c.tokens for c in choices)
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
+    async def prepare(raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
+        """The request and its prompt ids, from a render worker (ApiError for a bad request)."""
+        try:
+            result = await renderer.acall(raw)
+        except TimeoutError:
+            raise ApiError(413, f"Rendering this request took longer than the server's {renderer.timeout:g} s "
+                                "budget: send a shorter one", code="render_timeout") from None
+        if result[0] == "error":
+            raise ApiError.from_body(*result[1:])
+        return result[1], result[2]
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body, prompt = await prepare(await request.body())
         find_model(body.model)
         if refused := body.unsupported():
             name, value = refused
             raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
                            param=name, code="unsupported_parameter")
-        try:
-            prompt = fmt.render(body.messages, tools=None if body.tool_choice == "none" else body.tools,
-                                reasoning_effort=body.reasoning_effort or reasoning_effort)
-        except ChatFormatError as e:
-            raise ApiError(400, str(e), param=re.match(r"\w*", str(e)).group() or None) from None
         choices = submit(body, prompt)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
         if body.stream:
@@ -380,11 +367,67 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
                 yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(prompt, choices)})
         except ApiError as e:
             yield _sse(e.body())
+        except Exception as e:  # noqa: BLE001 - the response has started: the error goes in the stream
+            log.exception("stream failed")
+            yield _sse(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
         finally:
             release(choices)
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def render_pool(fmt: ChatFormat, context: int, reasoning_effort: str = "medium", *, workers: int = 2,
+                timeout: float = 10.0) -> WorkerPool:
+    """Worker processes turning request bodies into prompts (:class:`Preparer`) within ``timeout`` seconds."""
+    return WorkerPool(Preparer, (fmt.vocab, context, reasoning_effort), workers=workers, timeout=timeout)
+
+
+class BodyLimit:
+    """ASGI middleware: reads each request's body before the app, refusing (413) one over ``max_bytes``
+    as soon as its Content-Length or the bytes received so far (chunked bodies) say so; the rest of
+    such a body is read and dropped (up to ``DRAIN_BYTES``), never kept."""
+
+    def __init__(self, app, max_bytes: int):
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        too_large = declared.isdigit() and int(declared) > self.max_bytes
+        chunks, size, more = [], 0, True
+        while more and not too_large:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            size += len(chunk)
+            too_large = size > self.max_bytes
+            chunks.append(chunk)
+        if too_large:
+            chunks.clear()
+            dropped = size
+            while more and dropped < DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                dropped, more = dropped + len(message.get("body", b"")), message.get("more_body", False)
+            error = ApiError(413, f"The request body is over this server's limit of {self.max_bytes} bytes "
+                                  "(--max-request-bytes)", code="request_too_large")
+            return await error.response()(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def engine_status(engine) -> dict:
