@@ -10,6 +10,8 @@ VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever
 - :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
 - :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen).
 
+TPU weights may come as :func:`tpu_words` (u32 [E, N, K/8]) instead of u8 blocks.
+
 Decoding without in-kernel reshapes: a weight word holds P codes (TPU: u32 words, P = 8; GPU: bytes,
 P = 2); code j of word w is element ``P*w + j`` of the row. The activations are split outside the kernel
 into P strided planes ``x[:, j::P]`` (a permutation of activations), so ``x @ W^T = sum_j x_j @ W_j^T``
@@ -76,8 +78,14 @@ def _dma_indices(block_expert: jax.Array, num_experts: int):
 
 # ---------------------------------------------------------------- TPU (Mosaic)
 
-def _words_u32(blocks: jax.Array) -> jax.Array:
-    """blocks u8 [E, N, G, 16] -> u32 [E, N, G*4] (little-endian: code j of word w = value 8w + j)."""
+def tpu_words(blocks: jax.Array) -> jax.Array:
+    """blocks u8 [E, N, G, 16] -> u32 [E, N, G*4] (little-endian: code j of word w = value 8w + j).
+
+    The TPU kernel's weight form. TPU tiles the two minor dims of u8 [.., G, 16] in HBM (16 bytes padded
+    to a 128-lane tile), so storing this form once at load time avoids a per-call relayout; given u8
+    blocks the TPU kernel converts them inside each call (a full pass over the experts' bytes)."""
+    if blocks.dtype == jnp.uint32:
+        return blocks
     e, n, g, _ = blocks.shape
     return jax.lax.bitcast_convert_type(blocks.reshape(e, n, g * 4, 4), jnp.uint32)
 
@@ -128,11 +136,11 @@ def _tile(n: int, cap: int = 1024) -> int:
 def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
-    e, n, g, _ = blocks.shape
+    e, n, g = scales.shape
     k, w = g * mxfp4.BLOCK, g * 4
     nb = block_expert.shape[0]
     tn = _tile(n)
-    words = _words_u32(blocks)
+    words = tpu_words(blocks)
     eid, xblk = _dma_indices(block_expert, e)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
     if kind == "fwd":
@@ -160,7 +168,8 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
         kernel = functools.partial(_tpu_bwd_kernel, num_experts=e, dtype=dtype)
         out_shape = jax.ShapeDtypeStruct((8, nb * bsz, w), jnp.float32)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize
-    nbytes += (words.size * 4 + scales.size) // e * nb + out_shape.size * 4
+    # weights: forward fetches each selected expert once (at most min(E, nb)); the transposed product once per block
+    nbytes += (words.size * 4 + scales.size) // e * (min(e, nb) if kind == "fwd" else nb) + out_shape.size * 4
     out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
                          interpret=interpret, name=f"mxfp4_gmm_{kind}",
                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
@@ -257,10 +266,14 @@ def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
 # ---------------------------------------------------------------- entry points
 
 def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
-    mxfp4._check(blocks.shape, scales.shape)
     if backend not in BACKENDS:
         raise ValueError(f"unknown MXFP4 kernel backend {backend!r}; choose one of {BACKENDS}")
-    e, n, g, _ = blocks.shape
+    if blocks.dtype == jnp.uint32 and backend == TPU:  # tpu_words form [E, N, G*4]
+        if blocks.shape != (*scales.shape[:-1], scales.shape[-1] * 4):
+            raise ValueError(f"MXFP4 words {blocks.shape} do not match scales {scales.shape} (expected [..., G*4])")
+    else:
+        mxfp4._check(blocks.shape, scales.shape)
+    e, n, g = scales.shape
     want = n if transposed else g * mxfp4.BLOCK
     if x.ndim != 2 or x.shape[0] != block_expert.shape[0] * bsz or x.shape[1] != want:
         raise ValueError(f"MXFP4 grouped matmul: rows {x.shape} must be [{block_expert.shape[0]} blocks x {bsz}, "
