@@ -184,13 +184,15 @@ def decode_program(cfg, device, batch: int, context: int) -> Program:
     import jax.numpy as jnp
     from flax import nnx
 
+    from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
     from gptoss_jax.loading import abstract_model
 
     graphdef, params = nnx.split(abstract_model(cfg, jnp.bfloat16, "mxfp4"))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     active = jax.ShapeDtypeStruct((batch,), bool)
-    return Program(jitted()[1], (graphdef, False, *_placed((params, state, active), device)))
+    target = platform.of(device)
+    return Program(jitted(target)[1], (target, graphdef, False, *_placed((params, state, active), device)))
 
 
 def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Program:
@@ -198,6 +200,7 @@ def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Progr
     import jax.numpy as jnp
     from flax import nnx
 
+    from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
     from gptoss_jax.decode.sampling import SlotSampling
     from gptoss_jax.loading import abstract_model
@@ -207,7 +210,8 @@ def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Progr
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     sampling = jax.eval_shape(lambda: SlotSampling.empty(batch))
     rest = (state, i32(batch), i32(batch, tokens), i32(batch, tokens), i32(batch), sampling)
-    return Program(jitted()[0], (graphdef, *_placed((params, *rest), device)))
+    target = platform.of(device)
+    return Program(jitted(target)[0], (target, graphdef, *_placed((params, *rest), device)))
 
 
 def train_program(cfg, device, batch: int, tokens: int, rank: int = 8) -> Program:
@@ -240,7 +244,7 @@ def train_program(cfg, device, batch: int, tokens: int, rank: int = 8) -> Progra
 
 # ------------------------------------------------------------------------------------------- run
 def measure(target: str, model: str, part: str, batch: int, context: int, tokens: int | None = None,
-            device=None) -> dict:
+            device=None, dump: str | None = None) -> dict:
     """Compile one program for ``target`` and return its JSON row (fields in the module docstring)."""
     from benchmarks.hlo_traffic import traffic
     from gptoss_jax.config import get_preset
@@ -263,7 +267,12 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    t = traffic(compiled.as_text())
+    text = compiled.as_text()
+    t = traffic(text)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        with open(os.path.join(dump, f"{target}_{model}_{part}_b{batch}_c{context}_t{tokens}.hlo"), "w") as f:
+            f.write(text)
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     hbm = cost.get("bytes accessed") if cost else None
@@ -302,6 +311,7 @@ def main(argv=None) -> int:
                    help="decode: positions already cached (default context - 1); prefill/train_step: prompt "
                         "/ sequence length (default min(context, 128))")
     p.add_argument("--json", action="store_true", help="one JSON object per line (default: a markdown table)")
+    p.add_argument("--dump", metavar="DIR", help="also write each program's optimized HLO text into DIR")
     args = p.parse_args(argv)
     import jax
 
@@ -315,7 +325,7 @@ def main(argv=None) -> int:
         print(TABLE_HEADER)
     for part in args.part:
         for batch in args.batch:
-            row = measure(args.target, args.model, part, batch, args.context, args.tokens, device)
+            row = measure(args.target, args.model, part, batch, args.context, args.tokens, device, args.dump)
             print(json.dumps(row) if args.json else _table_row(row), flush=True)
     return 0
 
