@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gptoss_jax import mxfp4
+from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.kernels import mxfp4_gmm
 from gptoss_jax.layers.moe import experts_forward, kernel_choice
 
@@ -74,6 +75,8 @@ def test_kernel_choice(monkeypatch):
     assert kernel_choice(platform="cpu") is None
     assert kernel_choice(platform="tpu") == ("tpu", False)
     assert kernel_choice(platform="cuda") == ("gpu", False)
+    with gptoss_platform.lowering_for("tpu"):  # an entry point tracing for a TPU
+        assert kernel_choice() == ("tpu", False)
     assert kernel_choice("interpret") == ("tpu", True)
     monkeypatch.setenv("GPTOSS_MOE_KERNEL", "interpret-gpu")
     assert kernel_choice(platform="tpu") == ("gpu", True)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax import mxfp4
+from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels import mxfp4_gmm
 from gptoss_jax.layers.common import dense, dropout, matmul, param, precision_for
@@ -47,15 +48,16 @@ def kernel_choice(mode: str | None = None, platform: str | None = None) -> tuple
     """(kernel backend, interpret) for packed grouped experts, or None for the block-grouped scan.
 
     ``mode``: one of KERNEL_MODES (default: $GPTOSS_MOE_KERNEL, else 'auto'); 'auto' takes the kernel of
-    ``platform`` (where the arrays live; default ``jax.default_backend()``): Mosaic on 'tpu', Triton on
-    'gpu' / 'cuda', none elsewhere.
+    ``platform`` (where the data lives: default :func:`gptoss_jax.platform.current`, set by the entry point
+    that traces for a platform, else ``jax.default_backend()``): Mosaic on 'tpu', Triton on 'gpu', none
+    elsewhere.
     """
     mode = mode or os.environ.get(KERNEL_ENV) or "auto"
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNEL_ENV}={mode!r}: choose one of {KERNEL_MODES}")
     if mode == "auto":
-        platform = platform or jax.default_backend()
-        mode = {"tpu": mxfp4_gmm.TPU, "gpu": mxfp4_gmm.GPU, "cuda": mxfp4_gmm.GPU}.get(platform, "off")
+        platform = gptoss_platform.normalize(platform or gptoss_platform.current() or jax.default_backend())
+        mode = {"tpu": mxfp4_gmm.TPU, "gpu": mxfp4_gmm.GPU}.get(platform, "off")
     if mode == "off":
         return None
     if mode.startswith("interpret"):
