@@ -116,14 +116,14 @@ def step_bytes(cfg: GptOssConfig, model, context: int) -> float:
     """XLA's bytes accessed by one compiled decode step at batch 1 (abstract weights and cache)."""
     graphdef, params = nnx.split(model)
     state = jax.eval_shape(lambda: empty_state(cfg, 1, context, jnp.bfloat16))
-    _, decode = jitted()
-    compiled = decode.lower(graphdef, False, params, state, jax.ShapeDtypeStruct((1,), bool)).compile()
+    _, decode = jitted("cpu")
+    compiled = decode.lower("cpu", graphdef, False, params, state, jax.ShapeDtypeStruct((1,), bool)).compile()
     return compiled.cost_analysis()["bytes accessed"]
 
 
 def _lookup():
     """The one-token embedding lookup, jitted as the decode step's compiler options compile it."""
-    return jax.jit(lambda t, i: jnp.take(t, i, axis=0), compiler_options=compiler_options())
+    return jax.jit(lambda t, i: jnp.take(t, i, axis=0), compiler_options=compiler_options("cpu"))
 
 
 def lookup_bytes(cfg: GptOssConfig) -> float:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_jax import platform
 from gptoss_jax.decode.sampling import SlotSampling, sample
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.model import GptOss
@@ -95,15 +96,17 @@ def empty_state(cfg, max_batch: int, context: int, dtype, layout=None) -> Decode
 
 
 @functools.cache
-def compiler_options() -> dict[str, str] | None:
-    """XLA:CPU only: keep YNNPACK fusions for dots (bf16 matmuls stay bf16) but not for reductions,
+def compiler_options(target: str) -> dict[str, str] | None:
+    """For programs compiled for ``target`` (a :mod:`gptoss_jax.platform` name).
+
+    XLA:CPU only: keep YNNPACK fusions for dots (bf16 matmuls stay bf16) but not for reductions,
     which otherwise pull the packed-MXFP4 matrix-vector products apart and unpack the experts into
     memory (17x the bytes, 10x slower). None elsewhere, or where this XLA lacks the option."""
-    if jax.default_backend() != "cpu":
+    if target != "cpu":
         return None
     opts = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
     try:
-        jax.jit(lambda x: x + 1, compiler_options=opts).lower(jnp.zeros(2)).compile()
+        jax.jit(lambda x: x + 1, compiler_options=opts).lower(jnp.zeros(2, device=jax.devices("cpu")[0])).compile()
     except Exception as e:  # noqa: BLE001 - an XLA without the option: default fusions
         log.warning("XLA:CPU option %s unavailable (%s); decode uses default fusions", opts, e)
         return None
@@ -132,6 +135,7 @@ class Runner:
         self.layout = model.layout
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         self.graphdef, self.params = nnx.split(model)
+        self.platform = platform.of(self.params)
         self.return_logits = return_logits
         self.reset()
 
@@ -156,28 +160,37 @@ class Runner:
             pos[r, :n] = np.arange(c.start, c.start + n, dtype=np.int32)
         samplings = [c.sampling for c in chunks] + [chunks[0].sampling] * (rows - len(chunks))
         sampling = jax.tree.map(lambda *xs: np.stack(xs), *samplings)
-        prefill, _ = jitted()
-        self.state, tokens = prefill(self.graphdef, self.params, self.state, slots, ids, pos, last, sampling)
+        prefill, _ = jitted(self.platform)
+        self.state, tokens = prefill(self.platform, self.graphdef, self.params, self.state, slots, ids, pos, last, sampling)
         return tokens
 
     def decode(self, active: np.ndarray):
         """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits)."""
-        _, decode = jitted()
-        self.state, *out = decode(self.graphdef, self.return_logits, self.params, self.state, np.asarray(active, bool))
+        _, decode = jitted(self.platform)
+        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state, np.asarray(active, bool))
         return out[0] if len(out) == 1 else tuple(out)
 
 
 @functools.cache
-def jitted():
-    """(prefill, decode), jitted once per process: the graph definition is a static argument, so
-    runners of the same model and shapes share executables; each donates the state."""
-    opts = compiler_options()
-    return (jax.jit(_prefill, static_argnums=0, donate_argnums=2, compiler_options=opts),
-            jax.jit(_decode, static_argnums=(0, 1), donate_argnums=3, compiler_options=opts))
+def jitted(target: str):
+    """(prefill, decode) for programs compiled for ``target`` (the platform the parameters live on),
+    jitted once per process and platform. Both take the platform first, then the graph definition:
+    static arguments, so runners of the same model and shapes share executables and each platform
+    gets its own trace (:func:`gptoss_jax.platform.current` is set while tracing). Each donates the
+    state."""
+    opts = compiler_options(target)
+    return (jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=3, compiler_options=opts),
+            jax.jit(_decode, static_argnums=(0, 1, 2), donate_argnums=4, compiler_options=opts))
 
 
-def _prefill(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling):
+def _prefill(target: str, graphdef, params, state: DecodeState, slots, tokens, positions, last,
+             sampling: SlotSampling):
     """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row."""
+    with platform.lowering_for(target):
+        return _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling)
+
+
+def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling):
     model = nnx.merge(graphdef, params)
     fresh = positions[:, 0] == 0
 
@@ -197,7 +210,12 @@ def _prefill(graphdef, params, state: DecodeState, slots, tokens, positions, las
     return DecodeState(cache, armed), new
 
 
-def _decode(graphdef, return_logits: bool, params, state: DecodeState, active):
+def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active):
+    with platform.lowering_for(target):
+        return _decode_traced(graphdef, return_logits, params, state, active)
+
+
+def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, active):
     model = nnx.merge(graphdef, params)
     s = state.slots
     positions = jnp.where(active, s.positions, -1)

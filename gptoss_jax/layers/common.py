@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax import platform
+
 # Logical axis names used on parameters; gptoss_jax.sharding maps them to mesh axes by rules.
 LOGICAL_AXES = ("vocab", "embed", "heads", "kv_heads", "head_dim", "experts", "mlp")
 
@@ -30,18 +32,24 @@ def matmul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
     """``einsum(spec, x, w)`` with x's dtype operands and a float32 result.
 
     XLA:CPU upcasts a single-row (matrix-vector) bf16 dot to float32, converting the whole weight on
-    every call (5x its bytes, ~20x slower); from two rows on it keeps bf16. So on CPU a one-row ``x``
-    (decode at batch 1) gets a zero row appended along its first axis, which must be a batch axis
-    that leads the output too (true for every spec in this package; no ``...`` in ``spec``).
+    every call (5x its bytes, ~20x slower); from two rows on it keeps bf16. So in a program compiled
+    for the CPU (:func:`gptoss_jax.platform.dependent`) a one-row ``x`` (decode at batch 1) gets a zero
+    row appended along its first axis, which must be a batch axis that leads the output too (true for
+    every spec in this package; no ``...`` in ``spec``).
     """
     w = w.astype(x.dtype)
     x_axes, out_axes = spec.split(",")[0], spec.split("->")[1]
     rows = math.prod(n for a, n in zip(x_axes, x.shape) if a in out_axes)
-    pad = rows == 1 and x.dtype != jnp.float32 and jax.default_backend() == "cpu"
-    if pad:
-        x = jnp.concatenate([x, jnp.zeros_like(x)], axis=0)
-    y = jnp.einsum(spec, x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
-    return y[:1] if pad else y
+
+    def product(x, w):
+        return jnp.einsum(spec, x, w, precision=precision_for(x.dtype), preferred_element_type=jnp.float32)
+
+    def padded(x, w):
+        return product(jnp.concatenate([x, jnp.zeros_like(x)], axis=0), w)[:1]
+
+    if rows == 1 and x.dtype != jnp.float32:
+        return platform.dependent(x, w, cpu=padded, default=product)
+    return product(x, w)
 
 
 def dense(x: jax.Array, w: jax.Array, spec: str, bias: jax.Array | None = None,

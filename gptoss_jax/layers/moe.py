@@ -13,23 +13,56 @@ Expert weights are either packed MXFP4 (``*_blocks`` u8 [E, out, in/32, 16], ``*
 - grouped (many tokens): sort assignments by expert and run a block-grouped matmul.
 Neither computes an expert for a token that did not select it.
 
+Packed experts on GPU / TPU run the grouped path as one Pallas kernel per projection
+(:mod:`gptoss_jax.kernels.mxfp4_gmm`: MXFP4 decoded inside the kernel, each selected expert's bytes read
+once per call, also for decode, so the batch's rows share their experts' reads); elsewhere the
+block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` overrides it
+(``off``, ``tpu``, ``gpu``, ``interpret`` = the TPU kernel in Pallas interpret mode, ``interpret-gpu``).
+
 Optional per-expert LoRA adapters ride in the same experts dict with a leading expert axis:
 ``{name}_lora_a`` [E, in, r] and ``{name}_lora_b`` [E, r, out] (already scaled by alpha/r); each
 row adds ``(x A_e) B_e`` for its own expert e inside the same gather / grouped path.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax import mxfp4
+from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.kernels import mxfp4_gmm
 from gptoss_jax.layers.common import dense, dropout, matmul, param, precision_for
 
 PACKED = "mxfp4"
 DENSE = "dense"
 EXPERT_FORMATS = (PACKED, DENSE)
+KERNEL_ENV = "GPTOSS_MOE_KERNEL"
+KERNEL_MODES = ("auto", "off", mxfp4_gmm.TPU, mxfp4_gmm.GPU, "interpret", "interpret-gpu")
+
+
+def kernel_choice(mode: str | None = None, platform: str | None = None) -> tuple[str, bool] | None:
+    """(kernel backend, interpret) for packed grouped experts, or None for the block-grouped scan.
+
+    ``mode``: one of KERNEL_MODES (default: $GPTOSS_MOE_KERNEL, else 'auto'); 'auto' takes the kernel of
+    ``platform`` (where the data lives: default :func:`gptoss_jax.platform.current`, set by the entry point
+    that traces for a platform, else ``jax.default_backend()``): Mosaic on 'tpu', Triton on 'gpu', none
+    elsewhere.
+    """
+    mode = mode or os.environ.get(KERNEL_ENV) or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{KERNEL_ENV}={mode!r}: choose one of {KERNEL_MODES}")
+    if mode == "auto":
+        platform = gptoss_platform.normalize(platform or gptoss_platform.current() or jax.default_backend())
+        mode = {"tpu": mxfp4_gmm.TPU, "gpu": mxfp4_gmm.GPU}.get(platform, "off")
+    if mode == "off":
+        return None
+    if mode.startswith("interpret"):
+        return (mxfp4_gmm.GPU if mode == "interpret-gpu" else mxfp4_gmm.TPU), True
+    return mode, False
 
 
 def router(x: jax.Array, kernel: jax.Array, bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -98,26 +131,29 @@ def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array, lo
     return jnp.where((ids < experts[f"{name}_bias"].shape[0])[:, None], y, 0).astype(x.dtype)
 
 
-def _block_size(rows: int, num_experts: int) -> int:
-    """Rows per block: about rows/E (padding stays <= the real rows), a power of two in [8, 256]."""
+def _block_size(rows: int, num_experts: int, smallest: int = 8) -> int:
+    """Rows per block: about rows/E (padding stays <= the real rows), a power of two in [smallest, 256]."""
     per_expert = max(1, -(-rows // num_experts))
-    return int(min(256, max(8, 1 << (per_expert - 1).bit_length())))
+    return int(min(256, max(smallest, 1 << (per_expert - 1).bit_length())))
 
 
 def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
-                     group_sizes: jax.Array, lora_dropout=None) -> jax.Array:
+                     group_sizes: jax.Array, lora_dropout=None, kernel=None) -> jax.Array:
     """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ LoRA, + bias).
 
     A grouped matmul that touches each expert only for its own rows: every expert's group is padded
     to whole blocks, and a scan runs one [block, in] x [in, out] product per block with that
     block's expert weights (decoded from MXFP4 per block, plus that expert's LoRA adapters).
     Blocks past the last group are skipped. (jax.lax.ragged_dot lowers to a dense masked product
-    over all experts on CPU, which would compute every expert for every row.)
+    over all experts on CPU, which would compute every expert for every row.) ``kernel`` (from
+    :func:`kernel_choice`, packed weights only): the blocks' products run in one
+    :func:`mxfp4_gmm.grouped_matmul` call instead of the scan; LoRA adds ``(x A_e) B_e`` per block.
     """
     m, d_in = x.shape
     e = group_sizes.shape[0]
     d_out = experts[f"{name}_bias"].shape[-1]
-    bsz = _block_size(m, e)
+    kernel = kernel if f"{name}_blocks" in experts else None
+    bsz = _block_size(m, e, 8 if kernel is None else 16)
     num_blocks = -(-m // bsz) + e  # static bound: sum_e ceil(g_e / bsz) <= ceil(M / bsz) + E - 1
     padded = (group_sizes + bsz - 1) // bsz * bsz
     padded_end = jnp.cumsum(padded)
@@ -132,6 +168,10 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     xl = to_blocks(_lora_input(x, name, lora_dropout)) if lora else xb
     block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
     prec = precision_for(x.dtype)
+    if kernel is not None:
+        y = _kernel_blocks(xb, xl, experts, name, jnp.minimum(block_expert, e), bsz, kernel, prec)
+        y = jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
+        return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
     def block(_, args):
         rows, lora_rows, eid = args
@@ -153,18 +193,36 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
 
+def _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec):
+    """Blocks xb [nb, bsz, in] (LoRA inputs xl) times their experts' packed weights -> float32 [nb*bsz, out]."""
+    nb, _, d_in = xb.shape
+    backend, interpret = kernel
+    y = mxfp4_gmm.grouped_matmul(xb.reshape(nb * bsz, d_in), experts[f"{name}_blocks"], experts[f"{name}_scales"],
+                                 block_expert, bsz, backend, interpret)
+    if f"{name}_lora_a" in experts:  # padding blocks (id E) take zero adapters
+        a = take_experts(experts[f"{name}_lora_a"], block_expert).astype(xb.dtype)  # [nb, in, r]
+        b = take_experts(experts[f"{name}_lora_b"], block_expert).astype(xb.dtype)  # [nb, r, out]
+        h = jnp.einsum("nbi,nir->nbr", xl, a, precision=prec, preferred_element_type=jnp.float32).astype(xb.dtype)
+        y = y + jnp.einsum("nbr,nro->nbo", h, b, precision=prec, preferred_element_type=jnp.float32).reshape(y.shape)
+    return y
+
+
 def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,
-                    alpha: float, limit: float, path: str | None = None, lora_dropout=None) -> jax.Array:
+                    alpha: float, limit: float, path: str | None = None, lora_dropout=None,
+                    kernel: str | None = None) -> jax.Array:
     """x [N, H], ids/weights [N, k] -> sum_k weights * expert_ids(x) [N, H].
 
     ``path``: 'gather' or 'grouped' (default: gather when N*k <= num_experts). An id equal to
     ``num_experts`` is an empty slot: no expert, zero output (expert parallelism marks assignments to
     experts held by other devices so); per-expert leaves are read through ``take_experts``.
     ``lora_dropout``: (key, rate) for the LoRA adapters' inputs while training, else None.
+    ``kernel``: a :data:`KERNEL_MODES` entry for packed experts (default: :func:`kernel_choice`'s); with a
+    kernel the default path is grouped at every size (each selected expert read once, whatever the batch).
     """
     n, k = ids.shape
+    use = kernel_choice(kernel) if "gate_up_blocks" in experts else None
     if path is None:
-        path = "gather" if n * k <= num_experts else "grouped"
+        path = "gather" if n * k <= num_experts and use is None else "grouped"
     flat = ids.reshape(-1)
     if path == "gather":
         xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
@@ -175,8 +233,8 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
         sorted_ids = flat[order]
         group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout), alpha, limit)
-        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout)
+        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout, use), alpha, limit)
+        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout, use)
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
     else:
         raise ValueError(f"unknown expert path {path!r}")

@@ -1,0 +1,314 @@
+"""Grouped matmul on packed MXFP4 experts, decoded inside the kernel (Pallas: Mosaic TPU and Triton GPU).
+
+Rows come in blocks of ``bsz``; block ``b`` belongs to expert ``block_expert[b]`` (an id >= E marks a
+padding block: zero output, nothing read). Weights stay packed in HBM: ``blocks`` u8 [E, N, K/32, 16],
+``scales`` u8 [E, N, K/32] (the checkpoint layout, see :mod:`gptoss_jax.mxfp4`); each kernel step
+decodes its weight tile (E2M1 codes and E8M0 scales, integer arithmetic) to the activation dtype in
+VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever written to HBM.
+
+- :func:`gmm`: ``y[b] = x[b] @ W_e^T``  x [nb*bsz, K] -> float32 [nb*bsz, N];
+- :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
+- :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen).
+
+TPU weights may come as :func:`tpu_words` (u32 [E, N, K/8]) instead of u8 blocks.
+
+Decoding without in-kernel reshapes: a weight word holds P codes (TPU: u32 words, P = 8; GPU: bytes,
+P = 2); code j of word w is element ``P*w + j`` of the row. The activations are split outside the kernel
+into P strided planes ``x[:, j::P]`` (a permutation of activations), so ``x @ W^T = sum_j x_j @ W_j^T``
+where W_j holds code j of each word, decoded in place. The TPU kernel expands the per-32 scale to
+words with a 0/1 matmul (exact: one power of two per column). Products and sums are those of a
+float32 (or bf16-in, float32-accumulate) matmul, so results match the exact path up to summation order.
+
+TPU grid (N tiles, row blocks) with the block axis innermost: consecutive blocks of one expert keep
+the same weight block index, so Mosaic's pipeline does not fetch it again: each selected expert's
+packed bytes are read once per call. GPU grid (row blocks, N tiles): each program streams its
+expert's N tile group by group (16 bytes = 32 values per step).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from gptoss_jax import mxfp4
+
+TPU = "tpu"
+GPU = "gpu"
+BACKENDS = (TPU, GPU)
+
+
+def _e8m0(s: jax.Array) -> jax.Array:
+    """E8M0 exponents (int32 0..254) -> float32 2**(s-127), by building the bits (s = 0: subnormal 2^-127)."""
+    return jax.lax.bitcast_convert_type(jnp.where(s == 0, 1 << 22, s << 23), jnp.float32)
+
+
+def _codes(words: jax.Array, j: int) -> jax.Array:
+    """Code j (4 bits) of each int32 word."""
+    return (words >> (4 * j)) & 0xF
+
+
+def _dot(a, b, contract, dtype):
+    prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (contract, ((), ())), precision=prec,
+                               preferred_element_type=jnp.float32)
+
+
+def _planes(x: jax.Array, p: int) -> jax.Array:
+    """x [M, K] -> [p, M, K/p] with plane j = x[:, j::p]."""
+    m, k = x.shape
+    return jnp.moveaxis(x.reshape(m, k // p, p), -1, 0)
+
+
+def _unplanes(planes: jax.Array) -> jax.Array:
+    """[p, M, K/p] -> [M, K] (inverse of :func:`_planes`)."""
+    p, m, w = planes.shape
+    return jnp.moveaxis(planes, 0, -1).reshape(m, w * p)
+
+
+def _dma_indices(block_expert: jax.Array, num_experts: int):
+    """Per block: (expert whose weights to fetch, row block to fetch). Padding blocks repeat the last
+    real block's indices, so the pipeline fetches nothing for them."""
+    nb = block_expert.shape[0]
+    valid = block_expert < num_experts
+    last = jax.lax.cummax(jnp.where(valid, jnp.arange(nb, dtype=jnp.int32), 0))
+    return block_expert[last].clip(0, num_experts - 1).astype(jnp.int32), last.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------- TPU (Mosaic)
+
+def tpu_words(blocks: jax.Array) -> jax.Array:
+    """blocks u8 [E, N, G, 16] -> u32 [E, N, G*4] (little-endian: code j of word w = value 8w + j).
+
+    The TPU kernel's weight form. TPU tiles the two minor dims of u8 [.., G, 16] in HBM (16 bytes padded
+    to a 128-lane tile), so storing this form once at load time avoids a per-call relayout; given u8
+    blocks the TPU kernel converts them inside each call (a full pass over the experts' bytes)."""
+    if blocks.dtype == jnp.uint32:
+        return blocks
+    e, n, g, _ = blocks.shape
+    return jax.lax.bitcast_convert_type(blocks.reshape(e, n, g * 4, 4), jnp.uint32)
+
+
+def _tpu_weight_planes(w_ref, s_ref, dtype):
+    """The tile's 8 decoded planes [tn, K/8] (dtype), code j of each word times its block's scale."""
+    words = jax.lax.bitcast_convert_type(w_ref[0], jnp.int32)  # [tn, W]
+    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [tn, G]
+    g, w = sc.shape[1], words.shape[1]
+    gi = jax.lax.broadcasted_iota(jnp.int32, (g, w), 0)
+    wi = jax.lax.broadcasted_iota(jnp.int32, (g, w), 1)
+    expand = ((wi >= gi * 4) & (wi < gi * 4 + 4)).astype(jnp.float32)  # [G, W]: word w is in block w // 4
+    scale = _dot(sc, expand, ((1,), (0,)), jnp.float32)  # [tn, W], exact
+    for j in range(8):
+        yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
+
+
+def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, o_ref, *, num_experts, dtype):
+    @pl.when(be_ref[pl.program_id(1)] < num_experts)
+    def _():
+        acc = jnp.zeros(o_ref.shape, jnp.float32)
+        for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
+            acc += _dot(x_ref[j], wj, ((1,), (1,)), dtype)
+        o_ref[...] = acc
+
+    @pl.when(be_ref[pl.program_id(1)] >= num_experts)
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+
+def _tpu_bwd_kernel(be_ref, eid_ref, xb_ref, dy_ref, w_ref, s_ref, o_ref, *, num_experts, dtype):
+    @pl.when(pl.program_id(1) == 0)
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+    @pl.when(be_ref[pl.program_id(0)] < num_experts)
+    def _():
+        dy = dy_ref[...]
+        for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
+            o_ref[j] += _dot(dy, wj, ((1,), (0,)), dtype)
+
+
+def _tile(n: int, cap: int = 1024) -> int:
+    """Largest multiple of 128 dividing n and <= cap; n itself when there is none (a full-width tile)."""
+    return max([t for t in range(128, min(n, cap) + 1, 128) if n % t == 0], default=n)
+
+
+def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    e, n, g = scales.shape
+    k, w = g * mxfp4.BLOCK, g * 4
+    nb = block_expert.shape[0]
+    tn = _tile(n)
+    words = tpu_words(blocks)
+    eid, xblk = _dma_indices(block_expert, e)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
+    if kind == "fwd":
+        x = _planes(a.astype(dtype), 8)  # [8, M, W]
+        grid = (n // tn, nb)
+        spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=grid,
+            in_specs=[pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
+                      pl.BlockSpec((1, tn, w), lambda j, b, be, ei, xb: (ei[b], j, 0)),
+                      pl.BlockSpec((1, tn, g), lambda j, b, be, ei, xb: (ei[b], j, 0))],
+            out_specs=pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j)))
+        kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype)
+        out_shape = jax.ShapeDtypeStruct((nb * bsz, n), jnp.float32)
+        flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize * (n // tn)
+    else:
+        x = a.astype(dtype)  # dy [M, N]
+        grid = (nb, n // tn)
+        spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=grid,
+            in_specs=[pl.BlockSpec((bsz, tn), lambda b, j, be, ei, xb: (xb[b], j)),
+                      pl.BlockSpec((1, tn, w), lambda b, j, be, ei, xb: (ei[b], j, 0)),
+                      pl.BlockSpec((1, tn, g), lambda b, j, be, ei, xb: (ei[b], j, 0))],
+            out_specs=pl.BlockSpec((8, bsz, w), lambda b, j, be, ei, xb: (0, b, 0)))
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
+        kernel = functools.partial(_tpu_bwd_kernel, num_experts=e, dtype=dtype)
+        out_shape = jax.ShapeDtypeStruct((8, nb * bsz, w), jnp.float32)
+        flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize
+    # weights: forward fetches each selected expert once (at most min(E, nb)); the transposed product once per block
+    nbytes += (words.size * 4 + scales.size) // e * (min(e, nb) if kind == "fwd" else nb) + out_shape.size * 4
+    out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
+                         interpret=interpret, name=f"mxfp4_gmm_{kind}",
+                         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
+                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales)
+    return out if kind == "fwd" else _unplanes(out)
+
+
+# ---------------------------------------------------------------- GPU (Triton)
+
+def _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype):
+    """Group gi of rows ``rows_n`` of expert eid: the (low, high) nibble planes [tn, 16] in dtype."""
+    byte = blocks_ref[eid, rows_n, gi, :].astype(jnp.int32)  # [tn, 16]
+    sc = _e8m0(scales_ref[eid, rows_n, gi].astype(jnp.int32))[:, None]  # [tn, 1]
+    return tuple((mxfp4.e2m1_values(_codes(byte, j)) * sc).astype(dtype) for j in range(2))
+
+
+def _gpu_fwd_kernel(be_ref, x_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
+    b, nt = pl.program_id(0), pl.program_id(1)
+    eid = be_ref[b]
+    valid = eid < num_experts
+    eid = jnp.minimum(eid, num_experts - 1)
+    rows, rows_n = pl.ds(b * bsz, bsz), pl.ds(nt * tn, tn)
+
+    def step(gi, acc):
+        lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
+        acc += _dot(x_ref[0, rows, gi, :], lo, ((1,), (1,)), dtype)
+        return acc + _dot(x_ref[1, rows, gi, :], hi, ((1,), (1,)), dtype)
+
+    @pl.when(valid)
+    def _():
+        o_ref[rows, rows_n] = jax.lax.fori_loop(0, blocks_ref.shape[2], step, jnp.zeros((bsz, tn), jnp.float32))
+
+    @pl.when(jnp.logical_not(valid))
+    def _():
+        o_ref[rows, rows_n] = jnp.zeros((bsz, tn), jnp.float32)
+
+
+def _gpu_bwd_kernel(be_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
+    b, gi = pl.program_id(0), pl.program_id(1)
+    eid = be_ref[b]
+    valid = eid < num_experts
+    eid = jnp.minimum(eid, num_experts - 1)
+    rows = pl.ds(b * bsz, bsz)
+
+    def step(nt, acc):
+        rows_n = pl.ds(nt * tn, tn)
+        lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
+        dy = dy_ref[rows, rows_n]
+        return acc[0] + _dot(dy, lo, ((1,), (0,)), dtype), acc[1] + _dot(dy, hi, ((1,), (0,)), dtype)
+
+    zero = jnp.zeros((bsz, 16), jnp.float32)
+
+    @pl.when(valid)
+    def _():
+        lo, hi = jax.lax.fori_loop(0, blocks_ref.shape[1] // tn, step, (zero, zero))
+        o_ref[0, rows, gi, :] = lo
+        o_ref[1, rows, gi, :] = hi
+
+    @pl.when(jnp.logical_not(valid))
+    def _():
+        o_ref[0, rows, gi, :] = zero
+        o_ref[1, rows, gi, :] = zero
+
+
+def _gpu_tile(n: int) -> int:
+    """Largest power of two in [16, 64] dividing n."""
+    for t in (64, 32, 16):
+        if n % t == 0:
+            return t
+    raise ValueError(f"the GPU MXFP4 kernel needs output sizes divisible by 16, got {n}")
+
+
+def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
+    from jax.experimental.pallas import triton as pltr
+
+    e, n, g, _ = blocks.shape
+    nb = block_expert.shape[0]
+    m = nb * bsz
+    tn = _gpu_tile(n)
+    params = pltr.CompilerParams(num_warps=4, num_stages=2)
+    if kind == "fwd":
+        x = _planes(a.astype(dtype), 2).reshape(2, m, g, 16)
+        kernel = functools.partial(_gpu_fwd_kernel, num_experts=e, bsz=bsz, tn=tn, dtype=dtype)
+        grid, out_shape = (nb, n // tn), jax.ShapeDtypeStruct((m, n), jnp.float32)
+    else:
+        x = a.astype(dtype)
+        kernel = functools.partial(_gpu_bwd_kernel, num_experts=e, bsz=bsz, tn=tn, dtype=dtype)
+        grid, out_shape = (nb, g), jax.ShapeDtypeStruct((2, m, g, 16), jnp.float32)
+    out = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=params, interpret=interpret,
+                         name=f"mxfp4_gmm_{kind}")(block_expert.astype(jnp.int32), x, blocks, scales)
+    return out if kind == "fwd" else _unplanes(out.reshape(2, m, g * 16))
+
+
+# ---------------------------------------------------------------- entry points
+
+def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown MXFP4 kernel backend {backend!r}; choose one of {BACKENDS}")
+    if blocks.dtype == jnp.uint32 and backend == TPU:  # tpu_words form [E, N, G*4]
+        if blocks.shape != (*scales.shape[:-1], scales.shape[-1] * 4):
+            raise ValueError(f"MXFP4 words {blocks.shape} do not match scales {scales.shape} (expected [..., G*4])")
+    else:
+        mxfp4._check(blocks.shape, scales.shape)
+    e, n, g = scales.shape
+    want = n if transposed else g * mxfp4.BLOCK
+    if x.ndim != 2 or x.shape[0] != block_expert.shape[0] * bsz or x.shape[1] != want:
+        raise ValueError(f"MXFP4 grouped matmul: rows {x.shape} must be [{block_expert.shape[0]} blocks x {bsz}, "
+                         f"{want}] for weights [{e}, {n}, {g * mxfp4.BLOCK}]")
+
+
+def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
+    """x [nb*bsz, K] (block b's rows times expert block_expert[b]) -> float32 [nb*bsz, N]; x @ W_e^T."""
+    _check(x, blocks, scales, block_expert, bsz, backend, False)
+    call = _tpu_call if backend == TPU else _gpu_call
+    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret)
+
+
+def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
+    """dy [nb*bsz, N] -> float32 [nb*bsz, K]; dy @ W_e per block (the transposed product, for dx)."""
+    _check(dy, blocks, scales, block_expert, bsz, backend, True)
+    call = _tpu_call if backend == TPU else _gpu_call
+    return call("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret):
+    """:func:`gmm` differentiable in x (the packed weights are frozen: no cotangent)."""
+    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
+
+
+def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret):
+    return grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret), (blocks, scales, block_expert, jnp.zeros((0,), x.dtype))
+
+
+def _bwd(bsz, backend, interpret, res, dy):
+    blocks, scales, block_expert, like = res
+    dtype = like.dtype
+    dx = gmm_t(dy.astype(dtype), blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
+    return dx.astype(dtype), None, None, None
+
+
+grouped_matmul.defvjp(_fwd, _bwd)

@@ -1,0 +1,143 @@
+"""The MXFP4 grouped-matmul kernels (Mosaic TPU and Triton GPU, run in Pallas interpret mode) against the
+exact path: products of each block with its expert's decoded weights, and ``experts_forward`` through
+the kernel against the block-grouped scan (values and gradients, LoRA on).
+
+Bound (float32): a decoded weight is exact; each product x*w rounds once (relative 2^-24) and a
+float32 sum of K terms adds at most K roundings of partial sums, so |ours - exact| <=
+(K + 1) * 2^-24 * sum_i |x_i w_i| per output (checked element-wise and as <= 1e-5 of the output scale).
+bf16 inputs: the bf16 x times the bf16-exact weights is exact in float32, so the same bound holds against
+the exact product of the rounded inputs.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_jax import mxfp4
+from gptoss_jax import platform as gptoss_platform
+from gptoss_jax.kernels import mxfp4_gmm
+from gptoss_jax.layers.moe import experts_forward, kernel_choice
+
+E, K, N, BSZ = 3, 64, 32, 16
+U = 2.0 ** -24
+
+
+def _weights(rng, e=E, n=N, k=K):
+    blocks = rng.integers(0, 256, (e, n, k // 32, 16), dtype=np.uint8)
+    scales = rng.integers(120, 132, (e, n, k // 32), dtype=np.uint8)
+    return jnp.asarray(blocks), jnp.asarray(scales)
+
+
+def _exact(a, w, block_expert, transposed):
+    """float64 products of each block of rows with its expert's dense weight (zero for padding blocks)."""
+    a = np.asarray(a, np.float64)
+    out = []
+    for b, eid in enumerate(np.asarray(block_expert)):
+        rows = a[b * BSZ:(b + 1) * BSZ]
+        if eid >= w.shape[0]:
+            out.append((np.zeros((BSZ, w.shape[2] if transposed else w.shape[1])), np.zeros(1)))
+            continue
+        m = w[eid] if transposed else w[eid].T  # [N, K] -> dx: rows @ W; y: rows @ W^T
+        out.append((rows @ m, np.abs(rows) @ np.abs(m)))
+    return np.concatenate([o for o, _ in out]), np.concatenate([np.broadcast_to(s, o.shape) for o, s in out])
+
+
+@pytest.mark.parametrize("backend", mxfp4_gmm.BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kernel_matches_exact_products(backend, dtype, transposed):
+    rng = np.random.default_rng(0)
+    blocks, scales = _weights(rng)
+    block_expert = jnp.array([0, 2, 2, 3], jnp.int32)  # expert 1 empty, a padding block (id E) last
+    w = mxfp4.unpack_np(blocks, scales, np.float64)  # [E, N, K]
+    a = jnp.asarray(rng.standard_normal((4 * BSZ, N if transposed else K)), jnp.float32).astype(dtype)
+    fn = mxfp4_gmm.gmm_t if transposed else mxfp4_gmm.gmm
+    ours = np.asarray(fn(a, blocks, scales, block_expert, bsz=BSZ, backend=backend, interpret=True))
+    exact, scale = _exact(np.asarray(a.astype(jnp.float32)), w, block_expert, transposed)
+    terms = a.shape[1]
+    assert np.all(np.abs(ours - exact) <= (terms + 1) * U * scale)
+    assert np.abs(ours - exact).max() <= 1e-5 * np.abs(exact).max()
+    assert np.all(ours[3 * BSZ:] == 0)  # the padding block reads nothing and writes zeros
+
+
+def test_kernel_rejects_mismatched_rows():
+    blocks, scales = _weights(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="blocks x 16"):
+        mxfp4_gmm.gmm(jnp.zeros((3 * BSZ, K)), blocks, scales, jnp.zeros(2, jnp.int32), bsz=BSZ, backend="tpu")
+    with pytest.raises(ValueError, match="unknown MXFP4 kernel backend"):
+        mxfp4_gmm.gmm(jnp.zeros((2 * BSZ, K)), blocks, scales, jnp.zeros(2, jnp.int32), bsz=BSZ, backend="cpu")
+
+
+def test_kernel_choice(monkeypatch):
+    monkeypatch.delenv("GPTOSS_MOE_KERNEL", raising=False)
+    assert kernel_choice(platform="cpu") is None
+    assert kernel_choice(platform="tpu") == ("tpu", False)
+    assert kernel_choice(platform="cuda") == ("gpu", False)
+    with gptoss_platform.lowering_for("tpu"):  # an entry point tracing for a TPU
+        assert kernel_choice() == ("tpu", False)
+    assert kernel_choice("interpret") == ("tpu", True)
+    monkeypatch.setenv("GPTOSS_MOE_KERNEL", "interpret-gpu")
+    assert kernel_choice(platform="tpu") == ("gpu", True)
+    with pytest.raises(ValueError, match="GPTOSS_MOE_KERNEL='bogus'"):
+        kernel_choice("bogus")
+
+
+def _moe_experts(rng, h=64, i=32, e=4, rank=0):
+    """Random packed experts dict (gate_up [E, 2I, H], down [E, H, I]) with optional LoRA of ``rank``."""
+    out = {}
+    for name, (n, k) in {"gate_up": (2 * i, h), "down": (h, i)}.items():
+        out[f"{name}_blocks"], out[f"{name}_scales"] = _weights(rng, e, n, k)
+        out[f"{name}_bias"] = jnp.asarray(rng.standard_normal((e, n)) * 0.1, jnp.float32)
+        if rank:
+            out[f"{name}_lora_a"] = jnp.asarray(rng.standard_normal((e, k, rank)) * 0.1, jnp.float32)
+            out[f"{name}_lora_b"] = jnp.asarray(rng.standard_normal((e, rank, n)) * 0.1, jnp.float32)
+    return out
+
+
+ROUTINGS = {  # ids [N, k=2] over 4 experts; 4 = an empty slot (expert held by another device)
+    "one token": [[1, 3]],
+    "all on one expert": [[2, 4]] * 5,
+    "uneven, expert 0 empty": [[1, 2], [1, 3], [1, 2], [3, 1], [1, 4], [2, 1], [1, 3]] * 3,
+}
+
+
+@pytest.mark.parametrize("mode,routing", [
+    ("interpret-gpu", "uneven, expert 0 empty"),
+    *(pytest.param(m, r, marks=pytest.mark.slow) for m in ("interpret", "interpret-gpu") for r in ROUTINGS
+      if (m, r) != ("interpret-gpu", "uneven, expert 0 empty"))])
+def test_experts_forward_through_the_kernel_matches_the_scan(mode, routing):
+    """Values and gradients (x and the LoRA factors) of the kernel path equal the block-grouped scan's.
+    Both sum the same float32 products in different orders; bound as above with the MoE's scale."""
+    rng = np.random.default_rng(1)
+    experts = _moe_experts(rng, rank=4)
+    ids = jnp.asarray(ROUTINGS[routing], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((ids.shape[0], 64)) * 0.05, jnp.float32)
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal(ids.shape), jnp.float32), -1)
+
+    def loss(x, lora, kernel):
+        y = experts_forward(x, ids, weights, {**experts, **lora}, 4, 1.702, 7.0, "grouped", kernel=kernel)
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+    lora = {k: v for k, v in experts.items() if "_lora_" in k}
+    (_, y_ref), g_ref = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, lora, "off")
+    (_, y), g = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, lora, mode)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(y_ref).max()) > 0
+
+
+def test_decode_with_a_kernel_takes_the_grouped_path():
+    """With a kernel, few tokens also go through the grouped kernel (one read per selected expert)."""
+    rng = np.random.default_rng(2)
+    experts = _moe_experts(rng)
+    ids = jnp.asarray([[1, 3], [3, 1]], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((2, 64)) * 0.05, jnp.float32)
+    weights = jnp.full(ids.shape, 0.5, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, kernel="interpret-gpu"))(x)
+    assert "mxfp4_gmm_fwd" in str(jaxpr)  # not the gather path
+    gathered = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, "gather", kernel="off")
+    ours = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, kernel="interpret-gpu")
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(gathered), rtol=0, atol=1e-5 * float(jnp.abs(gathered).max()))
