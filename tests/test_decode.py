@@ -86,6 +86,38 @@ def test_cached_decode_equals_full_forward_across_the_window(model):
         assert err <= 1e-4
 
 
+def _interleaved_run(runner):
+    """Slot 3 decodes while slot 1's 45-token prompt is prefilled in two chunks between the steps (so
+    slot 1 is idle with a half-filled cache); then both decode. -> (logits per step, final cache)."""
+    greedy = SlotSampling.of(GREEDY, np.zeros(2, np.uint32))
+    runner.prefill([Chunk(3, prompt(1, 7), 0, greedy)], 16)
+    steps = []
+    for i, (start, n, bucket) in enumerate(plan_chunks(45, CHUNK)):
+        runner.prefill([Chunk(1, prompt(0, 45)[start:start + n], start, greedy)], bucket)
+        for _ in range(3):
+            steps.append(np.asarray(runner.decode(np.array([False, i == 1, False, True]))[1]))
+    for _ in range(6):
+        steps.append(np.asarray(runner.decode(np.array([False, True, False, True]))[1]))
+    return np.stack(steps), jax.tree.map(np.asarray, runner.state.cache)
+
+
+def test_decode_write_dropping_idle_rows_equals_the_cpu_write(model):
+    """The decode step as compiled for a GPU/TPU (idle rows' cache writes dropped, no old value read,
+    so the scatter is in place) gives the same logits and caches as the CPU program's write (idle rows
+    rewrite their slot 0), with an idle slot holding a half-prefilled prompt."""
+    cpu = Runner(model, max_batch=SLOTS, context=CONTEXT, prefill_chunk=CHUNK, return_logits=True)
+    gpu = Runner(model, max_batch=SLOTS, context=CONTEXT, prefill_chunk=CHUNK, return_logits=True)
+    gpu.platform = "gpu"  # the accelerator's program choices, compiled for this CPU
+    want, want_cache = _interleaved_run(cpu)
+    got, got_cache = _interleaved_run(gpu)
+    # the two programs differ in XLA:CPU options (dot kernels): float32 rounding of O(1) values apart
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for c_got, c_want in zip(got_cache, want_cache):
+        np.testing.assert_array_equal(c_got.pos, c_want.pos)
+        np.testing.assert_allclose(c_got.k, c_want.k, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(c_got.v, c_want.v, rtol=0, atol=1e-5)
+
+
 def test_greedy_batch_equals_each_prompt_alone_and_the_argmax_rollout(engine, model):
     prompts = [prompt(10 + i, n) for i, n in enumerate([1, 5, 17, 33, 64, 90])]  # 6 requests, 4 slots
     before = engine.stats.copy()

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gptoss_jax import platform
 from gptoss_jax.config import GptOssConfig
 
 
@@ -49,29 +50,49 @@ def update_cache(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.A
     """Write new k/v [B, T, nkv, D] at ``positions`` [B, T] (<0 = padding, not written).
 
     A chunk longer than the ring keeps only its last ``S`` positions, so every write is unique.
+    Decode (T = 1): padding rows' writes are dropped (their slot index is out of range), so no old
+    value is read and the scatter updates the donated cache in place, except in programs compiled
+    for the CPU, where XLA copies the whole cache around a scatter that may drop writes: there
+    padding rows rewrite what their slot 0 holds (:func:`gptoss_jax.platform.dependent`).
     """
+    if positions.shape[1] == 1:
+        return platform.dependent(cache, k, v, positions, cpu=_write_keeping_old, default=_write)
+    return _write(cache, k, v, positions)
+
+
+def _write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
+    """The scatter of :func:`update_cache`, out-of-range writes dropped."""
     b, t = positions.shape
     s = cache.pos.shape[1]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    if t == 1:  # decode: every row writes one slot; padding rows rewrite what slot 0 holds. Scatters
-        # that may drop writes cannot update in place (XLA copies the whole cache around them).
-        keep = positions >= 0
-        slot = jnp.where(keep, positions % s, 0)
-        mode = "promise_in_bounds"
-    else:  # a chunk longer than the ring keeps only its last S positions, so every write is unique
-        last = jnp.max(positions, axis=1, keepdims=True)
-        keep = (positions >= 0) & (positions > last - s)
-        slot = jnp.where(keep, positions % s, s)  # s is out of range: dropped
-        mode = "drop"
+    last = jnp.max(positions, axis=1, keepdims=True)
+    keep = (positions >= 0) & (positions > last - s)
+    slot = jnp.where(keep, positions % s, s)  # s is out of range: dropped
+    return LayerCache(_scatter(cache.k, rows, slot, k, "drop"), _scatter(cache.v, rows, slot, v, "drop"),
+                      cache.pos.at[rows, slot].set(positions, mode="drop"))
 
-    def write(buf, new):  # buf[rows, :, slot] = new; 16-bit values as raw bits (XLA:CPU scatters
-        # bf16 through a float32 copy of the whole cache)
-        raw = jnp.uint16 if buf.dtype.itemsize == 2 else buf.dtype
-        buf = jax.lax.bitcast_convert_type(buf, raw)
-        new = jax.lax.bitcast_convert_type(new.astype(cache.k.dtype), raw)
-        if mode != "drop":
-            new = jnp.where(keep[:, :, None, None], new, buf[rows, :, slot])
-        return jax.lax.bitcast_convert_type(buf.at[rows, :, slot].set(new, mode=mode), cache.k.dtype)
 
-    pos = jnp.where(keep, positions, cache.pos[rows, slot]) if mode != "drop" else positions
-    return LayerCache(write(cache.k, k), write(cache.v, v), cache.pos.at[rows, slot].set(pos, mode=mode))
+def _write_keeping_old(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
+    """Decode's write for XLA:CPU: every row writes one slot; padding rows rewrite what slot 0 holds."""
+    b = positions.shape[0]
+    s = cache.pos.shape[1]
+    rows = jnp.arange(b)[:, None]
+    keep = positions >= 0
+    slot = jnp.where(keep, positions % s, 0)
+
+    def old_or_new(buf, new):
+        return jnp.where(keep[:, :, None, None], new.astype(buf.dtype), buf[rows, :, slot])
+
+    mode = "promise_in_bounds"
+    return LayerCache(_scatter(cache.k, rows, slot, old_or_new(cache.k, k), mode),
+                      _scatter(cache.v, rows, slot, old_or_new(cache.v, v), mode),
+                      cache.pos.at[rows, slot].set(jnp.where(keep, positions, cache.pos[rows, slot]), mode=mode))
+
+
+def _scatter(buf: jax.Array, rows: jax.Array, slot: jax.Array, new: jax.Array, mode: str) -> jax.Array:
+    """buf[rows, :, slot] = new ([B, T, nkv, D]); 16-bit values as raw bits (XLA:CPU scatters bf16
+    through a float32 copy of the whole cache)."""
+    raw = jnp.uint16 if buf.dtype.itemsize == 2 else buf.dtype
+    bits = jax.lax.bitcast_convert_type(buf, raw)
+    new = jax.lax.bitcast_convert_type(new.astype(buf.dtype), raw)
+    return jax.lax.bitcast_convert_type(bits.at[rows, :, slot].set(new, mode=mode), buf.dtype)
