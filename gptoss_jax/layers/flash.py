@@ -42,10 +42,13 @@ _BIG = jnp.iinfo(jnp.int32).max
 
 def block_attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, q_pos: jax.Array,
                              k_pos: jax.Array, window: int, q_seg: jax.Array | None = None,
-                             k_seg: jax.Array | None = None, *, block_q: int = BLOCK_Q,
-                             block_k: int = BLOCK_K) -> jax.Array:
+                             k_seg: jax.Array | None = None, *, block_q: int | None = None,
+                             block_k: int | None = None) -> jax.Array:
     """Blocked attention. q [B,Tq,nq,D], k/v [B,nkv,S,D] (cache layout), sinks [nq], q_pos [B,Tq],
-    k_pos [B,S], optional segment ids q_seg [B,Tq] / k_seg [B,S] -> [B,Tq,nq,D] in q's dtype."""
+    k_pos [B,S], optional segment ids q_seg [B,Tq] / k_seg [B,S] -> [B,Tq,nq,D] in q's dtype.
+
+    ``block_q`` / ``block_k`` default to the module's BLOCK_Q / BLOCK_K (read at call time).
+    """
     b, t, nq, d = q.shape
     nkv, s = k.shape[1], k.shape[2]
     if nq % nkv or k.shape != (b, nkv, s, d) or v.shape != k.shape:
@@ -53,7 +56,7 @@ def block_attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: ja
                          "(want k, v [B, nkv, S, D] with nkv dividing nq)")
     if (q_seg is None) != (k_seg is None):
         raise ValueError("block attention: give both q_seg and k_seg, or neither")
-    bq, bk = min(block_q, t), min(block_k, s)
+    bq, bk = min(block_q or BLOCK_Q, t), min(block_k or BLOCK_K, s)
     nqb = -(-t // bq)
     pad = nqb * bq - t
     if pad:  # padded queries (position -1) see nothing and are cut off the output
