@@ -168,6 +168,7 @@ def test_path_choice_and_override():
     _close(attend_kv_major(q, k, v, SINKS, pos, pos, 8, impl="blocked"), attention_kv_major(q, k, v, SINKS, pos, pos, 8))
 
 
+@pytest.mark.slow
 def test_model_prefill_and_decode_blocked_match_exact(tiny_model, monkeypatch):
     """The tiny model through chunked prefill (ring + chunk for sliding layers, the cache for full
     ones) and decode past the ring, blocked (blocks of 8 and 4) vs exact."""
