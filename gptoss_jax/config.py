@@ -14,6 +14,10 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
+#: How attention scores are computed (a runtime choice, not a checkpoint field): see
+#: gptoss_jax.layers.attention.attention_path.
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "pallas")
+
 # Fields of the reference ``ModelConfig`` dataclass (gpt_oss/torch/model.py); ``original/config.json``
 # holds exactly these keys.
 ORIGINAL_KEYS = (

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax.config import GptOssConfig
+from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
 from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
+from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
 from gptoss_jax.layers.rope import apply_rope
 
@@ -65,6 +66,45 @@ def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Arra
     return out.reshape(b, tq, nq, d).astype(q.dtype)
 
 
+def check_attention_impl(impl: str) -> str:
+    """``impl`` if it names an implementation (ATTENTION_IMPLS: 'auto' picks per call, see
+    :func:`attention_path`; 'xla' is the exact path above; 'blocked' the flash-style plain-JAX path of
+    :mod:`gptoss_jax.layers.flash`), else a ValueError listing them."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
+    if impl == "pallas":
+        raise ValueError("attention implementation 'pallas' has no kernel in this build yet; use 'xla' or 'blocked'")
+    return impl
+
+
+def attention_path(impl: str, n_keys: int) -> str:
+    """'xla' or 'blocked' for a call over ``n_keys`` keys.
+
+    'auto': the exact path while all keys fit one key block (``n_keys <= BLOCK_K``: blocking would
+    compute the same single block, so the exact path is as small and is the parity reference),
+    the blocked path beyond (its memory is O(T x block) instead of T x S scores, sliding layers do
+    O(T x window) work, and a context-sized cache is read only up to the filled slots).
+    """
+    impl = check_attention_impl(impl)
+    if impl == "auto":
+        return "xla" if n_keys <= BLOCK_K else "blocked"
+    return impl
+
+
+def attend_kv_major(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=None, impl: str = "auto"):
+    """:func:`attention_kv_major` (k/v [B, nkv, S, D]) by the implementation :func:`attention_path` picks."""
+    if attention_path(impl, k.shape[2]) == "blocked":
+        return block_attention_kv_major(q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg)
+    return attention_kv_major(q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg)
+
+
+def set_attention(model, impl: str) -> None:
+    """Make every attention layer of ``model`` (a GptOss) use ``impl`` (one of ATTENTION_IMPLS)."""
+    impl = check_attention_impl(impl)
+    for block in model.layers:
+        block.attn.impl = impl
+
+
 class Attention(nnx.Module):
     """q/k/v/o projections with biases and per-head sinks for one layer.
 
@@ -82,6 +122,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: GptOssConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window(layer)
+        self.impl = "auto"
         h, nq, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
         def normal(shape, axes, std=0.02):
@@ -125,7 +166,8 @@ class Attention(nnx.Module):
         k = apply_rope(self._project("k", x, "bth,hnd->btnd"), cos, sin)
         v = self._project("v", x, "bth,hnd->btnd")
         if cache is None:
-            out = attention(q, k, v, self.sinks[...], positions, positions, self.window, segment_ids, segment_ids)
+            out = attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), self.sinks[...], positions,
+                                  positions, self.window, segment_ids, segment_ids, self.impl)
             return self._project_out(out), None
         if self.window == 0 or x.shape[1] == 1:
             # A full-context cache, or a ring receiving one token (which only overwrites the position
@@ -139,7 +181,7 @@ class Attention(nnx.Module):
             values = jnp.concatenate([cache.v.astype(v.dtype), jnp.swapaxes(v, 1, 2)], axis=2)
             k_pos = jnp.concatenate([cache.pos, positions], axis=1)
             cache = update_cache(cache, k, v, positions)
-        out = attention_kv_major(q, keys, values, self.sinks[...], positions, k_pos, self.window)
+        out = attend_kv_major(q, keys, values, self.sinks[...], positions, k_pos, self.window, impl=self.impl)
         return self._project_out(out), cache
 
     def _project_out(self, out: jax.Array) -> jax.Array:

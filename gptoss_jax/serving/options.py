@@ -13,6 +13,7 @@ import os
 import time
 
 from gptoss_jax.cli import UsageError
+from gptoss_jax.config import ATTENTION_IMPLS
 from gptoss_jax.harmony import REASONING_EFFORTS
 from gptoss_jax.sharding.mesh import add_mesh_arguments, check_mesh_arguments, mesh_from_args
 from gptoss_jax.tokenizer import STOP_TOKEN_IDS, VOCAB_ENV, find_vocab
@@ -52,7 +53,7 @@ def real(low: float, high: float | None = None, low_open: bool = False):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, ckpt: bool = True, max_batch: int = 1) -> None:
-    """--ckpt, --dtype, --experts, --context, --max-batch, --prefill-chunk, --vocab, and the mesh (--mesh ...)."""
+    """--ckpt, --dtype, --experts, --context, --max-batch, --prefill-chunk, --attention, --vocab, and the mesh."""
     g = parser.add_argument_group("model")
     if ckpt:
         g.add_argument("--ckpt", required=True,
@@ -65,6 +66,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, ckpt: bool = True, max_
     g.add_argument("--max-batch", type=integer(1), default=max_batch, help="sequences decoded together")
     g.add_argument("--prefill-chunk", type=integer(1), default=256,
                    help="prompt tokens per prefill call (chunks of several short prompts share one call)")
+    g.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                   help="attention path: auto (exact while the keys fit one block, blocked beyond), xla (exact), "
+                        "blocked (flash-style, memory O(tokens x block)), pallas")
     g.add_argument("--vocab", default=None,
                    help=f"o200k_base.tiktoken file or its folder (default ${VOCAB_ENV}, the tiktoken cache, "
                         "else download)")
@@ -153,6 +157,7 @@ def build_engine(ckpt: str | os.PathLike, args: argparse.Namespace):
 
     import gptoss_jax
     from gptoss_jax.decode import Engine
+    from gptoss_jax.layers.attention import set_attention
 
     t0 = time.perf_counter()
     mesh = mesh_from_args(args)
@@ -160,6 +165,7 @@ def build_engine(ckpt: str | os.PathLike, args: argparse.Namespace):
         raise SystemExit("serving runs in one process (a mesh over its local devices); "
                          "multi-host decoding is not supported yet")
     model = gptoss_jax.load(ckpt, dtype=getattr(jnp, args.dtype), experts=args.experts, mesh=mesh, rules=args.rules)
+    set_attention(model, getattr(args, "attention", "auto"))
     context = min(args.context, model.config.max_position_embeddings)
     if context < args.context:
         log.info("context capped at the model's maximum, %d tokens", context)
