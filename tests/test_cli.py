@@ -29,6 +29,7 @@ def demo(tmp_path_factory, o200k_path):
     return folder, gptoss("demo", "--dir", str(folder), "--max-tokens", "6", "--context", "128", *FAST, vocab=o200k_path)
 
 
+@pytest.mark.slow
 def test_demo(demo):
     folder, p = demo
     official, converted = folder / "tiny-harmony-random", folder / "tiny-harmony-random-jax"
@@ -41,6 +42,7 @@ def test_demo(demo):
     assert f"gptoss-jax serve --ckpt {converted}" in p.stderr
 
 
+@pytest.mark.slow
 def test_generate_raw_greedy_equals_full_forward(demo, o200k_path):
     """`generate --raw --temperature 0` prints the argmax rollout of the full (uncached) forward pass, also
     when it runs on a mesh (conftest's XLA_FLAGS give the subprocess 8 CPU devices)."""
@@ -68,6 +70,7 @@ def test_generate_raw_greedy_equals_full_forward(demo, o200k_path):
     assert SUMMARY.search(p.stderr).group(1) == str(n)
 
 
+@pytest.mark.slow
 def test_chat_session(demo, o200k_path):
     ckpt = str(demo[0] / "tiny-harmony-random-jax")  # the converted folder the demo served
     p = gptoss("chat", "--ckpt", ckpt, "--max-tokens", "3", "--context", "256", "--reasoning-effort", "high", *FAST,

@@ -360,6 +360,7 @@ def test_expert_tensors_are_read_per_expert(tiny_converted):
     assert reads[0] >= full_size and reads[1] < full_size / 2, reads
 
 
+@pytest.mark.slow
 def test_restore_onto_8_device_mesh(tiny_hf, tiny_converted, tokens):
     """Orbax restores each parameter straight into its sharding; values, shardings and logits equal the
     official loader's placement on the same mesh."""

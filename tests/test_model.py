@@ -55,6 +55,7 @@ def test_padded_batch_equals_each_row_alone(side, tiny_hf, hf_reference, tiny_cf
         assert np.abs(got - alone).max() <= 1e-4, f"row {i} ({side} padding)"
 
 
+@pytest.mark.slow
 def test_bf16_tracks_reference_as_well_as_transformers_bf16(tiny_hf, hf_reference, tiny_cfg):
     """On the random tiny model, bf16 (weights and activations) stays as close to the fp32 reference
     as transformers' own bf16 run (RMS logit error, top-1 agreement)."""
@@ -117,6 +118,7 @@ def test_cached_decode_equals_full_forward(tiny_hf, tokens):
     ("gpt-oss-20b", 20_914_757_184, 13_761_264_768),
     ("gpt-oss-120b", 116_829_156_672, 65_248_815_744),
 ])
+@pytest.mark.slow
 def test_real_presets_parameter_count_and_packed_bytes(name, params, nbytes):
     """eval_shape only: 4-bit values count as parameters (2 per byte), E8M0 scales do not.
     Bytes with bf16 dense weights equal the official checkpoints' total_size."""

@@ -119,6 +119,7 @@ def test_unselected_experts_are_never_computed(fmt, path, tiny_model):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_grouped_and_gather_paths_agree_on_many_tokens(tiny_model):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((300, 96)).astype(np.float32)

@@ -74,6 +74,7 @@ def test_n_choices(client):
     assert 3 <= r.usage.completion_tokens <= 12
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_clients(client, server):
     def one(i):
         kwargs = dict(model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=3 + i % 4, seed=i)

@@ -85,6 +85,7 @@ def test_sharded_forward_equals_single_device(spec, rules, tiny_hf, tokens, sing
     assert err <= 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_sharded_tracks_float32_as_well_as_one_device(tiny_hf, tiny_cfg, tiny_model):
     """In bf16 each device rounds its partial expert sum before the reduction; the logits stay as close
     to the float32 model as one device's bf16 logits."""
@@ -98,6 +99,7 @@ def test_bf16_sharded_tracks_float32_as_well_as_one_device(tiny_hf, tiny_cfg, ti
     assert rms(sharded) <= 1.1 * rms(one)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experts, scheme", [("dense", "reduce"), ("mxfp4", "all_to_all")])
 def test_dense_experts_and_all_to_all(experts, scheme, tiny_hf, tokens, single_logits):
     mesh = mesh_from_spec("data=2,expert=4")
@@ -128,6 +130,7 @@ def single_decode(tiny_model, tokens):
     ("data=2,expert=4", "expert", ("data", None, None, None)),  # 1 token per data shard: the gather path
     ("expert=4,model=2", "expert_tensor", (None, "model", None, None)),  # kv heads over model
 ])
+@pytest.mark.slow
 def test_sharded_decode_equals_unsharded(spec, rules, cache_spec, tiny_hf, single_decode, tokens):
     mesh = mesh_from_spec(spec)
     model = gptoss_jax.load(tiny_hf, dtype=jnp.float32, mesh=mesh, rules=rules)
@@ -139,6 +142,7 @@ def test_sharded_decode_equals_unsharded(spec, rules, cache_spec, tiny_hf, singl
         assert all(a.sharding.is_equivalent_to(b, a.ndim) for a, b in zip(c, s))
 
 
+@pytest.mark.slow
 def test_engine_on_a_mesh_generates_what_one_device_does(tiny_hf, tiny_model):
     """The decoding engine (what generate/chat/serve --mesh run) on an expert x model mesh: its caches
     are created in their shards (slots over the expert axis, kv heads over model), two short prompts
@@ -251,6 +255,7 @@ def test_no_device_computes_tokens_not_routed_to_it(batch, tiny_model, tiny_cfg)
     (16, "expert=8", ("expert",), ("expert",)),  # tokens split: all-gather + reduce-scatter
     (3, "expert=4,model=2", (), ("expert", "model")),  # tokens replicated: all-reduce
 ])
+@pytest.mark.slow
 def test_expert_parallel_gradients(tokens, spec, token_axes, expert_axes, tiny_cfg):
     """Gradients through the expert-parallel MoE (inputs, router weights, dense experts) equal one device's."""
     from gptoss_jax.layers.moe import experts_forward
@@ -294,6 +299,7 @@ def test_optimizer_state_mirrors_parameters(tiny_cfg):
     assert jax.tree.leaves(mu) == want
 
 
+@pytest.mark.slow
 def test_abstract_memory_fits():
     """eval_shape only. 120b on 8 devices (expert=8, bf16, packed experts) with a 131072-token cache
     fits in 80 GB per device; 20b on one device with packed experts and a 32768-token cache in 16 GB."""
@@ -324,6 +330,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_over_loopback(tiny_hf, tokens, single_logits, tmp_path):
     """Two processes x 4 CPU devices form one 8-device mesh (data=2, expert=4) and compute the same logits."""
     np.save(tmp_path / "tokens.npy", tokens)

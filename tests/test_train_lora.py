@@ -24,6 +24,7 @@ def _samples(n, length, vocab, seed=0):
             for i in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 24), (1, 3)], ids=["grouped", "gather"])
 def test_fresh_adapters_leave_logits_bit_identical(tiny_hf, tiny_cfg, shape):
     tokens = np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, shape)
@@ -36,6 +37,7 @@ def test_fresh_adapters_leave_logits_bit_identical(tiny_hf, tiny_cfg, shape):
     assert np.abs(np.asarray(model.logits(tokens)) - before).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_packed_row_equals_each_sample_alone(tiny_hf, tiny_cfg):
     """Segment isolation: three samples packed in one row (positions restart, segment ids differ) give
     the logits each sample gives alone; without segment ids they would not."""
@@ -76,6 +78,7 @@ def lora_run(tiny_hf, tiny_cfg):
     return {"state": state, "params": params, "start": start, "base": base, "losses": losses, "rows": rows}
 
 
+@pytest.mark.slow
 def test_lora_overfits_a_tiny_dataset(lora_run):
     losses = lora_run["losses"]
     print(f"LoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}")
@@ -103,6 +106,7 @@ def _adapted_model(state, params):
                      jax.tree.map(lambda x: x, state.frozen))
 
 
+@pytest.mark.slow
 def test_merged_packed_model_matches_the_adapted_model(lora_run):
     """Merging into MXFP4 experts re-quantizes ``W + scale A B``: every merged weight is within half a
     grid step (one block scale) of the exact sum, attention merges exactly, and the merged logits sit
@@ -132,6 +136,7 @@ def test_merged_packed_model_matches_the_adapted_model(lora_run):
     assert err <= 0.25 * moved
 
 
+@pytest.mark.slow
 def test_merge_with_dense_experts_is_exact_up_to_fp32_rounding(tiny_hf, tiny_cfg):
     model = gptoss_jax.load(tiny_hf, dtype=jnp.float32, experts="dense")
     lora.add_lora(model, rank=4, alpha=8.0, seed=3)
@@ -144,6 +149,7 @@ def test_merge_with_dense_experts_is_exact_up_to_fp32_rounding(tiny_hf, tiny_cfg
     assert np.abs(want).max() > 1 and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_chunked_loss_equals_the_full_logits_cross_entropy(tiny_hf, tiny_cfg):
     """cross_entropy_sum (loss tokens first, chunks without loss tokens skipped) against
     log-softmax of the model's own logits, value and gradient."""
@@ -170,6 +176,7 @@ def test_chunked_loss_equals_the_full_logits_cross_entropy(tiny_hf, tiny_cfg):
     np.testing.assert_allclose(float(model.logits(tokens).sum()), float(model.unembed(hidden).sum()), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_full_mode_trains_bf16_weights_with_float32_adam_state(tiny_hf):
     import optax
 
