@@ -161,6 +161,22 @@ def test_bad_argument_is_one_error_line_before_the_model_loads(command, extra, m
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+SERVE_BAD = [  # serve's own flags
+    (["--max-request-bytes", "0"], "--max-request-bytes: must be >= 1024"),
+    (["--render-workers", "0"], "--render-workers: must be in [1, 64]"),
+    (["--render-timeout", "0"], "--render-timeout: must be in (0, inf)"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout: must be in [0, inf)"),
+    (["--shutdown-timeout", "inf"], "--shutdown-timeout: must be in [0, inf)"),
+    (["--port", "70000"], "--port: must be in [0, 65535]"),
+]
+
+
+@pytest.mark.parametrize("extra, message", SERVE_BAD, ids=[" ".join(a) for a, _ in SERVE_BAD])
+def test_bad_serve_argument_is_one_error_line_before_the_model_loads(extra, message, tiny_hf, capsys, monkeypatch):
+    code, err = _main([*_command("serve"), "--ckpt", str(tiny_hf), *extra], capsys, monkeypatch)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
 @pytest.mark.parametrize("folder, message", [
     ("missing", "no such folder"), ("a_file", "not a folder"), ("empty", "unknown layout"),
     ("half_converted", "incomplete gptoss-jax checkpoint"),

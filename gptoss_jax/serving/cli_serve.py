@@ -36,13 +36,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV}; none = open)")
     g.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint folder's name)")
-    g.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+    g.add_argument("--max-request-bytes", type=options.integer(1024), default=MAX_REQUEST_BYTES,
                    help=f"refuse larger request bodies with 413 (default {MAX_REQUEST_BYTES >> 20} MiB)")
-    g.add_argument("--render-workers", type=int, default=2,
+    g.add_argument("--render-workers", type=options.integer(1, 64), default=2,
                    help="processes parsing and rendering requests off the event loop (default 2)")
-    g.add_argument("--render-timeout", type=float, default=10.0,
+    g.add_argument("--render-timeout", type=options.real(0, low_open=True), default=10.0,
                    help="seconds one request may take to parse and render before a 413 (default 10)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+    g.add_argument("--shutdown-timeout", type=options.real(0), default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are ended "
                         "with finish_reason 'length' (default 30)")
 
