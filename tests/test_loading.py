@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import gptoss_jax
-from convert import safetensors_file
-from convert.names import CheckpointError
-from convert.official import detect_layout
+from gptoss_jax.checkpoint import safetensors_file
+from gptoss_jax.checkpoint.errors import CheckpointError
+from gptoss_jax.checkpoint.official import detect_layout
 from convert.synthetic import write_random_checkpoint
 
 

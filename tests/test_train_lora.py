@@ -11,7 +11,7 @@ from flax import nnx
 
 import gptoss_jax
 from gptoss_jax import mxfp4
-from gptoss_jax.loading import flat_paths
+from gptoss_jax.checkpoint.shapes import flat_paths
 from train import data, lora, trainer
 from train.config import OptimizerConfig
 from train.optim import make_optimizer
