@@ -123,11 +123,12 @@ def train(cfg: TrainConfig) -> dict:
     model = build_model(cfg, mesh)
     vocab, seq = model.config.vocab_size, cfg.data.sequence_length
     samples = data_lib.load_samples(cfg.data.train, enc, include_analysis=cfg.data.include_analysis,
-                                    sequence_length=seq, vocab_size=vocab)
+                                    sequence_length=seq, vocab_size=vocab, date=cfg.data.date or None)
     eval_rows = None
     if cfg.data.eval:
         eval_rows = data_lib.pack(data_lib.load_samples(cfg.data.eval, enc, include_analysis=cfg.data.include_analysis,
-                                                        sequence_length=seq, vocab_size=vocab), seq, cfg.data.packing)
+                                                        sequence_length=seq, vocab_size=vocab,
+                                                        date=cfg.data.date or None), seq, cfg.data.packing)
     log.info("%d training samples from %s", len(samples), ", ".join(cfg.data.train))
 
     state = split(model, cfg.mode, mesh)
