@@ -21,11 +21,11 @@ from gptoss_jax.checkpoint import safetensors_file
 from gptoss_jax.checkpoint.names import plan
 from gptoss_jax.checkpoint.official import INDEX, carried_files, open_checkpoint
 from gptoss_jax.checkpoint.orbax import MARKER, PARAMS, read_group, read_marker
-from gptoss_jax.checkpoint.shapes import param_shapes
 from convert.progress import Progress
 from convert.to_orbax import check_plan
 from gptoss_cli.main import main as gptoss_jax_main
-from gptoss_jax.checkpoint.shapes import flat_paths
+from gptoss_jax.checkpoint.shapes import flat_paths, param_shapes
+from gptoss_jax.layers.lora import Adapter, AttentionLoRA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 131072}',
@@ -298,9 +298,10 @@ def test_save_checkpoint_round_trip(tmp_path, tiny_hf, tokens):
     assert read_marker(dst).dtype == "float32" and read_marker(dst).source == {"kind": "model"}
     with pytest.raises(FileExistsError):
         save_checkpoint(model, dst)
-    model.layers[0].attn.q_lora_a = nnx.Param(jnp.zeros((96, 4)))  # an adapter not merged into the base
-    for write in (save_checkpoint, export_official):
-        with pytest.raises(ValueError, match="extra parameter 'layers.0.attn.q_lora_a'"):
+    model.layers[0].attn.lora = AttentionLoRA(Adapter(jnp.zeros((96, 4)), jnp.zeros((4, 4, 16)), (None, None),
+                                                      (None, None, None)), None, None, None, scale=1.0, dropout=0.0)
+    for write in (save_checkpoint, export_official):  # an adapter not merged into the base
+        with pytest.raises(ValueError, match="extra parameter 'layers.0.attn.lora.q.a'"):
             write(model, tmp_path / "adapted")
     assert not os.path.exists(tmp_path / "adapted")
 

@@ -1,7 +1,7 @@
 """The training step: masked next-token cross-entropy, gradient accumulation, AdamW update.
 
 Parameters travel as flat dicts ``{dotted path: array}`` (the loader's names, e.g.
-``layers.0.attn.q_lora_a``): optax and Orbax see plain pytrees; inside the step they are merged back
+``layers.0.attn.lora.q.a``): optax and Orbax see plain pytrees; inside the step they are merged back
 into the model's nnx state. The frozen part (the packed base in lora mode) is an input that is
 never differentiated nor returned.
 """

@@ -19,6 +19,7 @@ from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
 from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
 from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
+from gptoss_jax.layers.lora import AttentionLoRA
 from gptoss_jax.layers.rope import apply_rope
 
 
@@ -111,9 +112,8 @@ class Attention(nnx.Module):
     Parameters: ``q_kernel`` [H, nq, D], ``k_kernel``/``v_kernel`` [H, nkv, D], their biases,
     ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq].
 
-    Optional LoRA adapters (attached by ``train.lora.add_lora``) on projection ``p`` in q/k/v/o:
-    ``{p}_lora_a`` [in..., r], ``{p}_lora_b`` [r, out...] (``nnx.LoRAParam``), scaled by ``lora_scale``;
-    ``lora_dropout`` (rate) applies while a ``lora_key`` variable is set (training).
+    ``lora``: None, or the :class:`~gptoss_jax.layers.lora.AttentionLoRA` adapters of q/k/v/o
+    (attached by ``train.lora.add_lora``).
     """
 
     #: LoRA einsum specs per projection: x -> rank r, rank r -> output.
@@ -137,16 +137,16 @@ class Attention(nnx.Module):
         self.o_kernel = normal((nq, d, h), ("heads", "head_dim", "embed"))
         self.o_bias = normal((h,), ("embed",))
         self.sinks = normal((nq,), ("heads",), std=1.0)
+        self.lora: AttentionLoRA | None = nnx.data(None)  # a data field: adapters may be attached
 
     def _lora(self, name: str, x: jax.Array) -> jax.Array | None:
         """The float32 LoRA update of projection ``name`` on input ``x``, or None when none is attached."""
-        if not hasattr(self, f"{name}_lora_a"):
+        lo = self.lora
+        adapter = None if lo is None else {"q": lo.q, "k": lo.k, "v": lo.v, "o": lo.o}[name]
+        if adapter is None:
             return None
-        key = self.lora_key[...] if getattr(self, "lora_key", None) is not None else None
-        key = None if key is None else jax.random.fold_in(key, "qkvo".index(name))
-        return lora_delta(x, getattr(self, f"{name}_lora_a")[...],
-                          getattr(self, f"{name}_lora_b")[...] * self.lora_scale,
-                          *self.LORA_SPECS[name], key, self.lora_dropout)
+        return lora_delta(x, adapter.a[...], adapter.b[...] * lo.scale, *self.LORA_SPECS[name],
+                          lo.dropout_key("qkvo".index(name)), lo.dropout)
 
     def _project(self, name: str, x: jax.Array, spec: str) -> jax.Array:
         """Projection ``name`` (q, k or v) with its bias and, when attached, its LoRA update."""

@@ -36,6 +36,7 @@ from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels import mxfp4_gmm
 from gptoss_jax.layers.common import dense, dropout, matmul, param, precision_for
+from gptoss_jax.layers.lora import ExpertLoRA
 
 PACKED = "mxfp4"
 DENSE = "dense"
@@ -248,9 +249,8 @@ class MoE(nnx.Module):
     Packed experts: ``gate_up_blocks`` [E, 2I, H/32, 16], ``gate_up_scales`` [E, 2I, H/32],
     ``down_blocks`` [E, H, I/32, 16], ``down_scales`` [E, H, I/32]; dense experts: ``gate_up_kernel``
     [E, H, 2I], ``down_kernel`` [E, I, H]. Biases ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H].
-    Optional per-expert LoRA (attached by ``train.lora.add_lora``): ``gate_up_lora_a`` [E, H, r],
-    ``gate_up_lora_b`` [E, r, 2I], ``down_lora_a`` [E, I, r], ``down_lora_b`` [E, r, H], ``lora_scale``,
-    ``lora_dropout`` (rate, applied while a ``lora_key`` variable is set).
+    ``lora``: None, or the per-expert :class:`~gptoss_jax.layers.lora.ExpertLoRA` adapters of
+    gate_up / down (attached by ``train.lora.add_lora``).
     """
 
     def __init__(self, cfg: GptOssConfig, *, dtype, experts: str = PACKED, rngs: nnx.Rngs):
@@ -283,15 +283,17 @@ class MoE(nnx.Module):
             self.down_kernel = normal((e, i, h), ("experts", "mlp", "embed"))
         self.gate_up_bias = normal((e, 2 * i), ("experts", "mlp"))
         self.down_bias = normal((e, h), ("experts", "embed"))
+        self.lora: ExpertLoRA | None = nnx.data(None)  # a data field: adapters may be attached
 
     def expert_weights(self) -> dict:
         names = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales") if self.expert_format == PACKED \
             else ("gate_up_kernel", "down_kernel")
         out = {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
-        for name in ("gate_up", "down"):
-            if hasattr(self, f"{name}_lora_a"):
-                out[f"{name}_lora_a"] = getattr(self, f"{name}_lora_a")[...]
-                out[f"{name}_lora_b"] = getattr(self, f"{name}_lora_b")[...] * self.lora_scale
+        lo = self.lora
+        for name, adapter in (() if lo is None else (("gate_up", lo.gate_up), ("down", lo.down))):
+            if adapter is not None:  # experts_forward's dict keys
+                out[f"{name}_lora_a"] = adapter.a[...]
+                out[f"{name}_lora_b"] = adapter.b[...] * lo.scale
         return out
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -299,8 +301,8 @@ class MoE(nnx.Module):
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         weights, ids = router(flat, self.router_kernel[...], self.router_bias[...], self.top_k)
-        key = getattr(self, "lora_key", None)
-        lora_dropout = None if key is None else (key[...], self.lora_dropout)
+        lo = self.lora
+        lora_dropout = None if lo is None or lo.key is None else (lo.key[...], lo.dropout)
         args = (flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
         if self.layout is None:
             y = experts_forward(*args, lora_dropout=lora_dropout)
