@@ -63,7 +63,7 @@ def cross_entropy_sum(hidden: jax.Array, unembedding: jax.Array, targets: jax.Ar
 
     @jax.checkpoint
     def one(hc, tc, mc):
-        logits = jnp.einsum("nh,vh->nv", hc, w, precision=precision_for(hc.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("mh,vh->mv", hc, w, precision=precision_for(hc.dtype), preferred_element_type=jnp.float32)
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jnp.sum(jnp.where(mc, nll, 0.0))
 

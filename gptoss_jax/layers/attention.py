@@ -56,13 +56,13 @@ def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Arra
     g = nq // nkv
     prec = precision_for(q.dtype)
     qg = q.reshape(b, tq, nkv, g, d)
-    scores = jnp.einsum("bqkgd,bksd->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(1.0 / math.sqrt(d))
     mask = attention_mask(q_pos, k_pos, window, q_seg, k_seg)[:, None, None, :, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nkv, g, 1, 1), (b, nkv, g, tq, 1))
     probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
-    out = jnp.einsum("bkgqs,bksd->bqkgd", probs.astype(v.dtype), v, precision=prec,
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, precision=prec,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, tq, nq, d).astype(q.dtype)
 
@@ -117,8 +117,8 @@ class Attention(nnx.Module):
     """
 
     #: LoRA einsum specs per projection: x -> rank r, rank r -> output.
-    LORA_SPECS = {"q": ("bth,hr->btr", "btr,rnd->btnd"), "k": ("bth,hr->btr", "btr,rnd->btnd"),
-                  "v": ("bth,hr->btr", "btr,rnd->btnd"), "o": ("btnd,ndr->btr", "btr,rh->bth")}
+    LORA_SPECS = {"q": ("bth,hr->btr", "btr,rnd->btnd"), "k": ("bth,hr->btr", "btr,rkd->btkd"),
+                  "v": ("bth,hr->btr", "btr,rkd->btkd"), "o": ("btnd,ndr->btr", "btr,rh->bth")}
 
     def __init__(self, cfg: GptOssConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window(layer)
@@ -163,8 +163,8 @@ class Attention(nnx.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences and cannot be used with a cache")
         q = apply_rope(self._project("q", x, "bth,hnd->btnd"), cos, sin)
-        k = apply_rope(self._project("k", x, "bth,hnd->btnd"), cos, sin)
-        v = self._project("v", x, "bth,hnd->btnd")
+        k = apply_rope(self._project("k", x, "bth,hkd->btkd"), cos, sin)
+        v = self._project("v", x, "bth,hkd->btkd")
         if cache is None:
             out = attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), self.sinks[...], positions,
                                   positions, self.window, segment_ids, segment_ids, self.impl)
@@ -188,4 +188,4 @@ class Attention(nnx.Module):
         """[B, T, nq, D] -> [B, T, H], as one contraction axis (XLA:CPU upcasts bf16 dots contracting two)."""
         b, t, nq, d = out.shape
         o_kernel = self.o_kernel[...].reshape(nq * d, -1)
-        return dense(out.reshape(b, t, nq * d), o_kernel, "btk,kh->bth", self.o_bias[...], self._lora("o", out))
+        return dense(out.reshape(b, t, nq * d), o_kernel, "btf,fh->bth", self.o_bias[...], self._lora("o", out))

@@ -68,7 +68,7 @@ def kernel_choice(mode: str | None = None, platform: str | None = None) -> tuple
 
 def router(x: jax.Array, kernel: jax.Array, bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """x [N, H] -> (weights [N, k] in x's dtype, expert ids [N, k] int32), top-k then softmax."""
-    logits = dense(x, kernel, "nh,he->ne", bias)
+    logits = dense(x, kernel, "mh,he->me", bias)
     top, idx = jax.lax.top_k(logits, k)
     weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1).astype(x.dtype)
     return weights, idx.astype(jnp.int32)
@@ -179,12 +179,12 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
 
         def compute(_):
             w = _expert_weight(experts, name, eid, x.dtype)  # [out, in] of one expert
-            y = jnp.einsum("bi,oi->bo", rows, w, precision=prec, preferred_element_type=jnp.float32)
+            y = jnp.einsum("li,oi->lo", rows, w, precision=prec, preferred_element_type=jnp.float32)
             if lora:
                 a = experts[f"{name}_lora_a"][eid].astype(x.dtype)
                 b = experts[f"{name}_lora_b"][eid].astype(x.dtype)
-                h = jnp.einsum("bi,ir->br", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
-                y = y + jnp.einsum("br,ro->bo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
+                h = jnp.einsum("li,ir->lr", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
+                y = y + jnp.einsum("lr,ro->lo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
             return y
 
         return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
@@ -203,8 +203,8 @@ def _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec):
     if f"{name}_lora_a" in experts:  # padding blocks (id E) take zero adapters
         a = take_experts(experts[f"{name}_lora_a"], block_expert).astype(xb.dtype)  # [nb, in, r]
         b = take_experts(experts[f"{name}_lora_b"], block_expert).astype(xb.dtype)  # [nb, r, out]
-        h = jnp.einsum("nbi,nir->nbr", xl, a, precision=prec, preferred_element_type=jnp.float32).astype(xb.dtype)
-        y = y + jnp.einsum("nbr,nro->nbo", h, b, precision=prec, preferred_element_type=jnp.float32).reshape(y.shape)
+        h = jnp.einsum("cli,cir->clr", xl, a, precision=prec, preferred_element_type=jnp.float32).astype(xb.dtype)
+        y = y + jnp.einsum("clr,cro->clo", h, b, precision=prec, preferred_element_type=jnp.float32).reshape(y.shape)
     return y
 
 
@@ -240,7 +240,7 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     else:
         raise ValueError(f"unknown expert path {path!r}")
     y = y.reshape(n, k, -1).astype(jnp.float32)
-    return jnp.einsum("nkh,nk->nh", y, weights.astype(jnp.float32)).astype(x.dtype)
+    return jnp.einsum("mxh,mx->mh", y, weights.astype(jnp.float32)).astype(x.dtype)
 
 
 class MoE(nnx.Module):
