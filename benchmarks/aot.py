@@ -103,7 +103,7 @@ def _parameter_bytes(cfg) -> tuple[int, int, int]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from gptoss_jax.loading import abstract_model, flat_paths
+    from gptoss_jax.checkpoint.shapes import abstract_model, flat_paths
 
     totals = [0, 0, 0]
     for name, v in flat_paths(nnx.state(abstract_model(cfg, jnp.bfloat16, "mxfp4"))).items():
@@ -186,7 +186,7 @@ def decode_program(cfg, device, batch: int, context: int) -> Program:
 
     from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
-    from gptoss_jax.loading import abstract_model
+    from gptoss_jax.checkpoint.shapes import abstract_model
 
     graphdef, params = nnx.split(abstract_model(cfg, jnp.bfloat16, "mxfp4"))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
@@ -203,7 +203,7 @@ def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Progr
     from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
     from gptoss_jax.decode.sampling import SlotSampling
-    from gptoss_jax.loading import abstract_model
+    from gptoss_jax.checkpoint.shapes import abstract_model
 
     graphdef, params = nnx.split(abstract_model(cfg, jnp.bfloat16, "mxfp4"))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))

@@ -30,7 +30,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from convert.official import MAX_SHARD_BYTES, open_checkpoint  # noqa: E402
+from convert.shards import MAX_SHARD_BYTES  # noqa: E402
+from gptoss_jax.checkpoint.official import open_checkpoint  # noqa: E402
 from convert.progress import human_bytes  # noqa: E402
 from convert.synthetic import write_random_checkpoint  # noqa: E402
 from gptoss_jax.config import PRESETS  # noqa: E402

@@ -28,7 +28,7 @@ from gptoss_jax.config import PRESETS, GptOssConfig
 from gptoss_jax.decode import Engine, SamplingParams
 from gptoss_jax.decode.runner import compiler_options, empty_state, jitted
 from gptoss_jax.layers.kv_cache import cache_bytes
-from gptoss_jax.loading import abstract_model, flat_paths
+from gptoss_jax.checkpoint.shapes import abstract_model, flat_paths
 
 #: 4 layers of width 512 with the real vocabulary and 32 experts top-4 (~310M parameters, 206M of
 #: them in the embedding and unembedding), small enough for transformers on two CPU cores.

@@ -5,7 +5,9 @@
     convert.save_checkpoint(model, "tuned-jax")                       # an in-memory model -> ours
     convert.export_official("tuned-jax", "tuned-hf")                  # ours -> transformers layout
 
-The public functions are imported on first use, so ``convert.names`` and the readers stay light.
+The readers (name table, official folders, our folders, ``gptoss_jax.load``) are the library's
+:mod:`gptoss_jax.checkpoint`; this package holds the writers and imports the library, never the
+reverse. The public functions are imported on first use.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ _PUBLIC = {
     "convert_checkpoint": "convert.to_orbax",
     "save_checkpoint": "convert.orbax_format",
     "export_official": "convert.export",
-    "carried_files": "convert.official",
-    "CheckpointError": "convert.names",
+    "carried_files": "gptoss_jax.checkpoint.official",
+    "CheckpointError": "gptoss_jax.checkpoint.errors",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from convert.names import LAYOUTS
+from gptoss_jax.checkpoint.names import LAYOUTS
 
 DTYPES = ("bfloat16", "float16", "float32")
 

@@ -1,6 +1,6 @@
 """Our folder (or an in-memory :class:`GptOss`) -> the official transformers layout.
 
-Written through the name table (:func:`convert.names.export_items`, the inverse transforms of
+Written through the name table (:func:`gptoss_jax.checkpoint.names.export_items`, the inverse transforms of
 loading): MXFP4 experts as the checkpoint's own uint8 blocks/scales (dense experts are re-quantized
 with :func:`gptoss_jax.mxfp4.quantize`), the other weights in bf16 (the official dtype; configurable),
 0-based shards ``model-0000k-of-0000N.safetensors`` of at most ``max_shard_bytes`` (4.8 GB, as
@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.atomic import atomic_folder
-from convert.names import TRANSFORMERS, export_items, layout_tensors
-from convert.official import MAX_SHARD_BYTES, write_json, write_shards
-from convert.orbax_format import (MARKER, copy_files, group_of, model_params, read_group, read_marker,
-                                  release_memory)
+from convert.orbax_format import copy_files, model_params
 from convert.progress import Progress, human_bytes
-from convert.safetensors_file import DTYPES, dtype_name
+from convert.shards import MAX_SHARD_BYTES, write_json, write_shards
+from gptoss_jax.checkpoint.names import TRANSFORMERS, export_items, layout_tensors
+from gptoss_jax.checkpoint.orbax import MARKER, group_of, read_group, read_marker, release_memory
+from gptoss_jax.checkpoint.safetensors_file import DTYPES, dtype_name
 from gptoss_jax.model import GptOss
 
 log = logging.getLogger("convert")

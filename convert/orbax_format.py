@@ -1,36 +1,7 @@
-"""Our checkpoint folders: parameters as Orbax checkpoints written group by group, plus a JSON marker.
-
-A folder ``DST`` holds::
-
-    gptoss_jax.json       the marker, written last: format name and version, our GptOssConfig.to_dict(),
-                          expert format, dtypes, every parameter (shape, dtype, group), the source
-    params/embedding/     one Orbax PyTree checkpoint per group: embedding, layers.0 ... layers.{L-1},
-    params/layers.0/      norm, unembedding. Inside, the tree is nested by our dotted parameter paths
-    ...                   (Orbax names are exactly ``layers.0.mlp.gate_up_blocks`` etc.)
-    tokenizer.json ...    tokenizer / generation files carried over from the source
-
-Why groups: Orbax saves a pytree in one call with every leaf in host memory, so one checkpoint of the
-whole model would hold the whole model. A group (one layer: 0.4 GB for 20b, 1.7 GB for 120b; or the
-1.16 GB embedding) is saved at a time, so writing needs host memory for the largest group only.
-Save options: no compression (weights, MXFP4 codes above all, barely compress, and the compressed copy
-doubled peak memory), no defensive host copy (arrays are not mutated while saved), chunks of at most
-16 MiB with one expert per chunk for expert tensors, so a process restoring onto a mesh reads only the
-chunks that its devices' shards cover. MXFP4 experts stay packed (uint8 blocks and scales).
-Measured peak RSS (BENCHMARKS.md): 1.28 GiB for 20b (the 2-D embedding is written without a copy);
-3.5 GiB for 120b, whose layer group is 1.6 GiB and whose chunked 4-D expert tensors TensorStore
-copies once while writing them.
-
-Loading restores group by group with target shardings (Orbax ``ArrayRestoreArgs``): arrays land
-sharded on the mesh without a full host copy; dtype casts happen in TensorStore and expert format
-changes (packed <-> dense) on device. Atomicity comes from :mod:`convert.atomic`.
-"""
+"""Writing our checkpoint folders (the format is described in :mod:`gptoss_jax.checkpoint.orbax`):
+parameter groups saved with Orbax, the JSON marker written last, atomically (:mod:`convert.atomic`)."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import dataclasses
-import functools
-import json
 import logging
 import os
 import shutil
@@ -41,87 +12,13 @@ import numpy as np
 from flax import nnx
 
 from convert.atomic import atomic_folder, disk_full_error
-from convert.names import PACKED_PARTS, CheckpointError, our_shapes
-from convert.official import write_json
-from gptoss_jax import mxfp4
-from gptoss_jax.config import ConfigError, GptOssConfig
-from gptoss_jax.layers.moe import EXPERT_FORMATS
+from convert.shards import write_json
+from gptoss_jax.checkpoint.orbax import (CHUNK_BYTES, FORMAT, FORMAT_VERSION, MARKER, PARAMS, group_of, groups_of,
+                                         is_expert_weight, nest, quiet_orbax)
+from gptoss_jax.checkpoint.shapes import flat_paths, param_shapes
+from gptoss_jax.config import GptOssConfig
 
-log = logging.getLogger("convert")
-
-MARKER = "gptoss_jax.json"
-FORMAT = "gptoss-jax"
-FORMAT_VERSION = 1
-PARAMS = "params"
-CHUNK_BYTES = 16 * 2**20
-
-
-# ----------------------------------------------------------------------------------------- layout
-def group_of(path: str) -> str:
-    """Parameter path -> its group: ``layers.N`` for layer parameters, else the top-level name."""
-    head, _, rest = path.partition(".")
-    return f"{head}.{rest.split('.')[0]}" if head == "layers" else head
-
-
-def groups_of(paths) -> dict[str, list[str]]:
-    """Paths (in order) -> {group: [paths]}, groups in first-seen order."""
-    out: dict[str, list[str]] = {}
-    for p in paths:
-        out.setdefault(group_of(p), []).append(p)
-    return out
-
-
-def nest(flat: dict) -> dict:
-    """{'a.b.c': v} -> {'a': {'b': {'c': v}}}."""
-    tree: dict = {}
-    for path, v in flat.items():
-        *parents, leaf = path.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """Inverse of :func:`nest`."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def is_expert_weight(path: str) -> bool:
-    """``layers.N.mlp.{gate_up,down}_{blocks,scales,kernel}`` (not their biases, not the router)."""
-    proj, _, part = path.rpartition(".")[2].rpartition("_")
-    return proj in ("gate_up", "down") and part in ("blocks", "scales", "kernel")
-
-
-def is_converted(path: str | os.PathLike) -> bool:
-    """True for a folder written by this module, complete (marker) or not (``params/`` only)."""
-    path = os.fspath(path)
-    return os.path.isfile(os.path.join(path, MARKER)) or os.path.isdir(os.path.join(path, PARAMS))
-
-
-# ----------------------------------------------------------------------------------------- marker
-@dataclasses.dataclass(frozen=True)
-class Marker:
-    """What ``gptoss_jax.json`` says about a folder (validated against the config)."""
-
-    folder: str
-    config: GptOssConfig
-    experts: str  # 'mxfp4' (packed) | 'dense'
-    dtype: str  # dense weights other than experts
-    params: dict[str, tuple[tuple[int, ...], str]]  # path -> (shape, dtype name)
-    source: dict
-    files: tuple[str, ...]
-
-    @property
-    def groups(self) -> dict[str, list[str]]:
-        return groups_of(self.params)
+log = logging.getLogger(__name__)
 
 
 def write_marker(folder: str, cfg: GptOssConfig, experts: str, dtype: str,
@@ -131,65 +28,6 @@ def write_marker(folder: str, cfg: GptOssConfig, experts: str, dtype: str,
         "dtype": dtype, "source": source, "files": sorted(files),
         "params": {p: {"shape": list(s), "dtype": d, "group": group_of(p)} for p, (s, d) in params.items()},
     })
-
-
-def read_marker(path: str | os.PathLike) -> Marker:
-    """Read and check a folder's marker; errors name the folder and what is wrong or missing."""
-    folder = os.path.abspath(os.fspath(path))
-    marker = os.path.join(folder, MARKER)
-    if not os.path.isfile(marker):
-        if os.path.isdir(os.path.join(folder, PARAMS)):
-            raise CheckpointError(f"{folder}: incomplete gptoss-jax checkpoint (no {MARKER}; its writing did not "
-                                  f"finish). Convert again.")
-        raise CheckpointError(f"{folder}: not a gptoss-jax checkpoint (no {MARKER}); convert an official folder "
-                              f"with `gptoss-jax convert SRC DST` first")
-    try:
-        with open(marker) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{marker}: not valid JSON ({e})") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise CheckpointError(f"{marker}: field 'format' is {d.get('format') if isinstance(d, dict) else d!r}, "
-                              f"expected {FORMAT!r}")
-    version = d.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise CheckpointError(f"{marker}: format_version {version!r}; this gptoss-jax reads versions 1..{FORMAT_VERSION}")
-    try:
-        cfg = GptOssConfig.from_dict(d["config"], f"{marker} config")
-        experts, dtype, table = d["experts"], d["dtype"], d["params"]
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    except KeyError as e:
-        raise CheckpointError(f"{marker}: missing field {e}") from None
-    if experts not in EXPERT_FORMATS:
-        raise CheckpointError(f"{marker}: field 'experts' is {experts!r}, expected one of {EXPERT_FORMATS}")
-    expected = our_shapes(cfg, experts)
-    for name in [*expected, *table]:
-        if name not in table:
-            raise CheckpointError(f"{marker}: parameter '{name}' is missing")
-        if name not in expected:
-            raise CheckpointError(f"{marker}: unexpected parameter '{name}' for this config")
-        if tuple(table[name]["shape"]) != expected[name]:
-            raise CheckpointError(f"{marker}: parameter '{name}' has shape {table[name]['shape']}, expected "
-                                  f"{list(expected[name])} from its config")
-    params = {p: (tuple(table[p]["shape"]), table[p]["dtype"]) for p in expected}
-    for group in groups_of(params):
-        if not os.path.isdir(os.path.join(folder, PARAMS, group)):
-            raise CheckpointError(f"{folder}: missing parameter group folder {PARAMS}/{group}")
-    return Marker(folder, cfg, experts, dtype, params, d.get("source", {}), tuple(d.get("files", ())))
-
-
-# ----------------------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def quiet_orbax():
-    """Orbax logs every save and restore through absl at INFO; keep our logs one line per stage."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _save_checkpointer():
@@ -238,17 +76,6 @@ class GroupWriter:
         self._checkpointer.close()
 
 
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS between groups (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    TensorStore's threads and NumPy temporaries below glibc's mmap threshold leave freed memory in
-    malloc arenas; without trimming, RSS crept from 1.3 to 1.8 GiB over the 24 layers of 20b."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def copy_files(files: dict[str, str], folder: str) -> list[str]:
     """Copy {name in folder: source path}; names are plain file names other than ours."""
     for name, src in files.items():
@@ -263,10 +90,8 @@ def copy_files(files: dict[str, str], folder: str) -> list[str]:
 def model_params(model) -> dict[str, nnx.Variable]:
     """A :class:`GptOss`'s parameters by dotted path, checked against the name table: a parameter the
     table does not know (e.g. a LoRA adapter not merged yet) or a wrong shape is an error."""
-    from gptoss_jax.loading import flat_paths
-
     params = flat_paths(nnx.state(model, nnx.Param))
-    expected = our_shapes(model.config, model.expert_format)
+    expected = param_shapes(model.config, model.expert_format)
     for name in [*expected, *params]:
         if name not in params or name not in expected:
             what = "lacks" if name not in params else "has an extra"
@@ -281,7 +106,7 @@ def save_checkpoint(model, dst: str | os.PathLike, *, extra_files: dict[str, str
     """Write an in-memory :class:`GptOss` (e.g. after fine-tuning) as our format at ``dst``, atomically.
 
     extra_files: {file name in dst: path of the file to copy}, e.g.
-      ``convert.official.carried_files(base_folder)`` to keep the tokenizer and generation config.
+      ``convert.carried_files(base_folder)`` to keep the tokenizer and generation config.
     Arrays may be sharded over a mesh of this process's devices. Returns ``dst``.
     """
     if jax.process_count() > 1:
@@ -289,7 +114,7 @@ def save_checkpoint(model, dst: str | os.PathLike, *, extra_files: dict[str, str
                          f"gather the model in one process first")
     cfg, experts = model.config, model.expert_format
     params = {p: v[...] for p, v in model_params(model).items()}
-    expected = our_shapes(cfg, experts)
+    expected = param_shapes(cfg, experts)
     dst = os.path.abspath(os.fspath(dst))
     log.info("saving model (%s experts, %s) to %s", experts, jnp.dtype(model.dtype).name, dst)
     with atomic_folder(dst, overwrite) as tmp:
@@ -303,120 +128,3 @@ def save_checkpoint(model, dst: str | os.PathLike, *, extra_files: dict[str, str
         write_marker(tmp, cfg, experts, jnp.dtype(model.dtype).name, writer.written, {"kind": "model"}, files)
     log.info("saved %s", dst)
     return dst
-
-
-# ----------------------------------------------------------------------------------------- reading
-def restore_group(marker: Marker, group: str, restore_args: dict) -> dict[str, np.ndarray | jax.Array]:
-    """Restore one group as {path: array}; ``restore_args`` maps each of its paths to Orbax restore args."""
-    import orbax.checkpoint as ocp
-
-    path = os.path.join(marker.folder, PARAMS, group)
-    with quiet_orbax(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        try:
-            stored = flatten(checkpointer.metadata(path).item_metadata.tree)
-        except Exception as e:  # missing or damaged Orbax metadata
-            raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from None
-        for name in [*restore_args, *stored]:
-            if name not in stored or name not in restore_args:
-                raise CheckpointError(f"{path}: {'lacks' if name not in stored else 'has unexpected'} parameter '{name}'")
-            shape, dtype = marker.params[name]
-            if tuple(stored[name].shape) != shape or np.dtype(stored[name].dtype).name != dtype:
-                raise CheckpointError(f"{path}: parameter '{name}' is {np.dtype(stored[name].dtype).name}"
-                                      f"{list(stored[name].shape)}, the marker says {dtype}{list(shape)}")
-        try:
-            tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=nest(restore_args)))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot read parameters ({type(e).__name__}: {e})") from None
-    return flatten(tree)
-
-
-def read_group(marker: Marker, group: str) -> dict[str, np.ndarray]:
-    """One group as host NumPy arrays in their stored dtypes (export, inspection)."""
-    import orbax.checkpoint as ocp
-
-    return restore_group(marker, group, {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in marker.groups[group]})
-
-
-def restore_model(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str = "mxfp4", *,
-                  mesh: jax.sharding.Mesh | None = None, rules=None):
-    """Our folder -> :class:`GptOss` (what ``gptoss_jax.load`` does for these folders).
-
-    With ``mesh``, each parameter is restored straight into its target sharding (rules default to
-    :data:`gptoss_jax.sharding.DEFAULT_RULES`) and each process reads only the chunks its devices
-    hold; without, one group at a time goes through host memory to the default device (uncommitted,
-    as the official loader places them). Stored MXFP4 experts asked for as ``dense`` are decoded on device (exact);
-    stored dense experts asked for as ``mxfp4`` are quantized on device (lossy, warned).
-    """
-    import orbax.checkpoint as ocp
-
-    from gptoss_jax.loading import _fill, abstract_model, flat_paths
-
-    marker = read_marker(path)
-    cfg, stored = marker.config, marker.experts
-    if stored == "dense" and experts == "mxfp4":
-        log.warning("%s stores dense experts; quantizing them to MXFP4 (lossy). Pass experts='dense' to keep them.",
-                    marker.folder)
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype, experts))
-    targets = flat_paths(abstract)
-    shardings = _shardings(abstract, mesh, rules)
-    stored_targets, stored_shardings = targets, shardings
-    if stored != experts:
-        stored_abstract = nnx.split(abstract_model(cfg, dtype, stored))[1]
-        stored_targets, stored_shardings = flat_paths(stored_abstract), _shardings(stored_abstract, mesh, rules)
-    log.info("restoring %s (%s experts stored, as %s %s)%s", marker.folder, stored, experts, jnp.dtype(dtype).name,
-             f" onto mesh {dict(mesh.shape)}" if mesh is not None else "")
-    values = {}
-    for group, paths in marker.groups.items():
-        if mesh is None:  # like the official loader: host arrays put (uncommitted) on the default device
-            values.update({p: jax.device_put(a.astype(stored_targets[p].dtype, copy=False))
-                           for p, a in read_group(marker, group).items()})
-            release_memory()
-            continue
-        args = {p: ocp.ArrayRestoreArgs(sharding=stored_shardings[p], dtype=stored_targets[p].dtype,
-                                        global_shape=stored_targets[p].shape) for p in paths}
-        values.update(restore_group(marker, group, args))
-    if stored != experts:
-        values = _convert_experts(values, stored, shardings, targets)
-    model = nnx.merge(graphdef, _fill(abstract, values))
-    if mesh is None:
-        return model
-    from gptoss_jax.sharding import Layout, use_layout
-
-    return use_layout(model, Layout(mesh, rules))  # the MoE then runs expert-parallel on the mesh
-
-
-def _shardings(abstract_state, mesh, rules) -> dict[str, jax.sharding.Sharding | None]:
-    from gptoss_jax.loading import flat_paths
-
-    if mesh is None:
-        return {p: None for p in flat_paths(abstract_state)}
-    from gptoss_jax.sharding import get_rules, state_shardings
-
-    return flat_paths(state_shardings(abstract_state, mesh, get_rules(rules)))
-
-
-def _convert_experts(values: dict, stored: str, shardings: dict, targets: dict) -> dict:
-    """Packed <-> dense expert weights on device, into the target shardings."""
-    out = {p: v for p, v in values.items() if not is_expert_weight(p)}
-    bases = sorted({p.rsplit("_", 1)[0] for p in values if is_expert_weight(p)})
-    for base in bases:
-        if stored == "mxfp4":  # -> dense kernel [E, in, out]
-            kernel = base + "_kernel"
-            fn = _dequantize_fn(shardings[kernel], jnp.dtype(targets[kernel].dtype))
-            out[kernel] = fn(values[base + "_blocks"], values[base + "_scales"])
-        else:  # dense -> packed
-            names = [f"{base}_{part}" for part in PACKED_PARTS]
-            fn = _quantize_fn(tuple(shardings[n] for n in names))
-            out.update(zip(names, fn(values[base + "_kernel"])))
-    return out
-
-
-@functools.lru_cache(maxsize=None)
-def _dequantize_fn(sharding, dtype):
-    return jax.jit(lambda blocks, scales: jnp.swapaxes(mxfp4.unpack(blocks, scales, dtype), 1, 2),
-                   out_shardings=sharding)
-
-
-@functools.lru_cache(maxsize=None)
-def _quantize_fn(shardings):
-    return jax.jit(lambda kernel: mxfp4.quantize(jnp.swapaxes(kernel, 1, 2), xp=jnp), out_shardings=shardings)

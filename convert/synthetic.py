@@ -13,8 +13,9 @@ import zlib
 
 import numpy as np
 
-from convert.names import BF16, ORIGINAL, TRANSFORMERS, checkpoint_shape, layout_tensors, our_shapes, rows
-from convert.official import write_json, write_shards
+from convert.shards import write_json, write_shards
+from gptoss_jax.checkpoint.names import BF16, ORIGINAL, TRANSFORMERS, checkpoint_shape, layout_tensors, rows
+from gptoss_jax.checkpoint.shapes import param_shapes
 from gptoss_jax.config import GptOssConfig
 
 HARMONY_STOPS = [200002, 199999, 200012]  # generation_config.json eos of the published models
@@ -74,7 +75,7 @@ def random_tensor(cfg: GptOssConfig, name: str, shape: tuple[int, ...], seed: in
 def original_tensor(cfg: GptOssConfig, name: str, shape: tuple[int, ...], seed: int,
                     lm_head_alignment: float = 0.0) -> np.ndarray:
     """An original/ tensor built from the transformers-named values (same seed, same model)."""
-    shapes = our_shapes(cfg, "mxfp4")
+    shapes = param_shapes(cfg, "mxfp4")
     parts = []
     for ours, hf, orig, kind in rows(cfg):
         if orig.partition(":")[0] == name:

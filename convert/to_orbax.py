@@ -1,8 +1,8 @@
 """Official checkpoint folder -> our Orbax folder (:mod:`convert.orbax_format`), streaming.
 
-The source is opened and validated by :func:`convert.official.open_checkpoint` (names, shapes, dtypes
+The source is opened and validated by :func:`gptoss_jax.checkpoint.official.open_checkpoint` (names, shapes, dtypes
 against its config; truncated shards, index naming missing files). Parameters are built through the
-name table's :func:`convert.names.plan` one group (a layer, the embedding...) at a time: each source
+name table's :func:`gptoss_jax.checkpoint.names.plan` one group (a layer, the embedding...) at a time: each source
 tensor is read once (one tensor in memory at a time; a fused ``qkv`` stays until its three parts are
 built), transformed, cast, and the group is saved before the next one is read. Peak host memory is
 the largest group plus the tensor being transformed, not the model.
@@ -20,11 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.atomic import atomic_folder
-from convert.names import BF16, CheckpointError, Item, our_shapes, plan
-from convert.official import OfficialCheckpoint, carried_files, open_checkpoint
-from convert.orbax_format import (GroupWriter, copy_files, group_of, groups_of, is_converted, is_expert_weight,
-                                  release_memory, write_marker)
+from convert.orbax_format import GroupWriter, copy_files, write_marker
 from convert.progress import Progress, human_bytes
+from gptoss_jax.checkpoint.errors import CheckpointError
+from gptoss_jax.checkpoint.loader import build_items, by_group, warn_if_lossy
+from gptoss_jax.checkpoint.names import BF16, Item, plan
+from gptoss_jax.checkpoint.official import OfficialCheckpoint, carried_files, open_checkpoint
+from gptoss_jax.checkpoint.orbax import group_of, groups_of, is_converted, is_expert_weight, release_memory
+from gptoss_jax.checkpoint.shapes import param_shapes
 
 log = logging.getLogger("convert")
 
@@ -56,11 +59,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, expert
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
     ckpt = open_checkpoint(src, layout)
     cfg, model_experts = ckpt.config, EXPERTS[experts]
-    if ckpt.experts == "dense" and model_experts == "mxfp4":
-        log.warning("%s stores dense experts; quantizing them to MXFP4 (lossy). Pass --experts bf16 to keep them.",
-                    ckpt.folder)
+    warn_if_lossy(ckpt.folder, ckpt.experts, model_experts, hint="--experts bf16")
     items = plan(cfg, ckpt.layout, ckpt.experts, model_experts)
-    check_plan(ckpt, items, our_shapes(cfg, model_experts))
+    check_plan(ckpt, items, param_shapes(cfg, model_experts))
     total = ckpt.nbytes()
     log.info("reading %s: %s layout, %d tensors, %s, %s experts", ckpt.folder, ckpt.layout, len(ckpt.files),
              human_bytes(total), ckpt.experts)
@@ -72,12 +73,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, expert
         writer = GroupWriter(tmp)
         try:
             with Progress("convert", total, len(ckpt.files), progress) as bar:
-                for group, group_items in groups_of_items(items).items():
+                for group, group_items in by_group(items).items():
                     writer.save(group, build_group(ckpt, group_items, dtype, reads, bar))
                     release_memory()  # the group's arrays are gone: keep RSS at one group
         finally:
             writer.close()
-        check_done(ckpt, reads, writer.written, our_shapes(cfg, model_experts))
+        check_done(ckpt, reads, writer.written, param_shapes(cfg, model_experts))
         log.info("converted %s", bar.summary())
         names = copy_files(files, tmp)
         source = {"kind": "official", "path": src, "layout": ckpt.layout, "experts": ckpt.experts,
@@ -93,13 +94,6 @@ def storage_dtype(path: str, dtype) -> np.dtype:
     if path.endswith(("_blocks", "_scales")):
         return np.dtype(np.uint8)
     return BF16 if is_expert_weight(path) else np.dtype(dtype)
-
-
-def groups_of_items(items: list[Item]) -> dict[str, list[Item]]:
-    out: dict[str, list[Item]] = {}
-    for it in items:
-        out.setdefault(group_of(it.ours), []).append(it)
-    return out
 
 
 def check_plan(ckpt: OfficialCheckpoint, items: list[Item], expected: dict[str, tuple[int, ...]]) -> None:
@@ -125,28 +119,8 @@ def check_plan(ckpt: OfficialCheckpoint, items: list[Item], expected: dict[str, 
 
 def build_group(ckpt: OfficialCheckpoint, items: list[Item], dtype, reads: collections.Counter,
                 bar: Progress) -> dict[str, np.ndarray]:
-    """Our parameters of one group, in their storage dtypes; each source read once and dropped as soon
-    as the last parameter made from it is built."""
-    uses = collections.Counter(s for it in items for s in it.sources)
-    cache: dict[str, np.ndarray] = {}
-    out: dict[str, np.ndarray] = {}
-    for it in items:
-        for s in it.sources:
-            if s not in cache:
-                cache[s] = ckpt.read(s)
-                reads[s] += 1
-                bar.update(cache[s].nbytes)
-        arr = np.asarray(it.build([cache[s] for s in it.sources]))
-        if tuple(arr.shape) != tuple(it.shape):
-            raise CheckpointError(f"{ckpt.folder}: {list(it.sources)} give {it.ours} shape {arr.shape}, "
-                                  f"expected {it.shape}")
-        out[it.ours] = arr.astype(storage_dtype(it.ours, dtype), copy=False)
-        del arr
-        for s in it.sources:
-            uses[s] -= 1
-            if not uses[s]:
-                del cache[s]
-    return out
+    """Our parameters of one group, in their storage dtypes (:func:`gptoss_jax.checkpoint.loader.build_items`)."""
+    return build_items(ckpt, items, lambda p: storage_dtype(p, dtype), reads, bar.update)
 
 
 def check_done(ckpt: OfficialCheckpoint, reads: collections.Counter, written: dict,

@@ -9,7 +9,7 @@ harmony format, the server's render workers) load without it.
 import importlib
 
 _EXPORTS = {"PRESETS": "gptoss_jax.config", "ConfigError": "gptoss_jax.config", "GptOssConfig": "gptoss_jax.config",
-            "get_preset": "gptoss_jax.config", "load": "gptoss_jax.loading", "GptOss": "gptoss_jax.model"}
+            "get_preset": "gptoss_jax.config", "load": "gptoss_jax.checkpoint.loader", "GptOss": "gptoss_jax.model"}
 __all__ = ["GptOss", "GptOssConfig", "PRESETS", "ConfigError", "get_preset", "load"]
 __version__ = "0.1.0"
 

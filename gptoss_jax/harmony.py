@@ -169,78 +169,13 @@ class ChatFormat:
     def conversation(self, messages: list[dict], *, tools: list[dict] | None = None,
                      reasoning_effort: str = "medium", date: str | datetime.date | None = None,
                      model_identity: str | None = None, _spliced: _Spliced | None = None) -> oh.Conversation:
-        """OpenAI-style ``messages`` (+ function ``tools``) -> a harmony Conversation."""
-        own = _spliced.text if _spliced is not None else (lambda text: text)  # a text harmony tokenizes alone
-        if reasoning_effort not in REASONING_EFFORTS:
-            raise ChatFormatError(f"reasoning_effort: expected one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
-        system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(reasoning_effort.capitalize()))
-        system = system.with_conversation_start_date(str(date or datetime.date.today()))
-        if model_identity:
-            system = system.with_model_identity(model_identity)
-        instructions, turns, call_names = [], [], {}
-        if not isinstance(messages, list) or not messages:
-            raise ChatFormatError("messages: expected a non-empty list")
-        for i, m in enumerate(messages):
-            where = f"messages[{i}]"
-            role = m.get("role") if isinstance(m, dict) else None
-            if role in ("system", "developer"):
-                instructions.append(_no_long_piece(_text(m.get("content"), where), f"{where}.content"))
-            elif role == "user":
-                turns.append(oh.Message.from_role_and_content(oh.Role.USER, own(_text(m.get("content"), where))))
-            elif role == "assistant":
-                turns += self._assistant(m, where, call_names, own)
-            elif role == "tool":
-                if not all(isinstance(m.get(k, ""), (str, type(None))) for k in ("name", "tool_call_id")):
-                    raise ChatFormatError(f"{where}: name and tool_call_id must be strings")
-                name = m.get("name") or call_names.get(m.get("tool_call_id"))
-                if not name:
-                    raise ChatFormatError(f"{where}: tool_call_id {m.get('tool_call_id')!r} matches no earlier tool call")
-                author = oh.Author.new(oh.Role.TOOL, f"functions.{_no_long_piece(str(name), where + '.name')}")
-                turns.append(oh.Message.from_author_and_content(author, own(_text(m.get("content"), where)))
-                             .with_recipient("assistant").with_channel("commentary"))
-            else:
-                raise ChatFormatError(f"{where}.role: expected system, developer, user, assistant or tool, got {role!r}")
-        head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
-        if instructions or tools:
-            developer = oh.DeveloperContent.new()
-            if instructions:
-                developer = developer.with_instructions("\n\n".join(instructions))
-            if tools:
-                developer = developer.with_function_tools(_tool_descriptions(tools))
-            head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
-        return oh.Conversation.from_messages(head + turns)
-
-    @staticmethod
-    def _assistant(m: dict, where: str, call_names: dict, own) -> list[oh.Message]:
-        out = []
-        reasoning = m.get("reasoning_content") or m.get("reasoning")
-        if reasoning:
-            if not isinstance(reasoning, str):
-                raise ChatFormatError(f"{where}.reasoning_content: expected a string")
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(reasoning)).with_channel("analysis"))
-        calls = m.get("tool_calls") or []
-        if not isinstance(calls, list):
-            raise ChatFormatError(f"{where}.tool_calls: expected a list")
-        content = _text(m.get("content"), where)
-        if content:  # said before tool calls it is a commentary preamble, else the final answer
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(content))
-                       .with_channel("commentary" if calls else "final"))
-        for j, call in enumerate(calls):
-            fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-                raise ChatFormatError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
-            if not isinstance(call.get("id", ""), (str, type(None))):
-                raise ChatFormatError(f"{where}.tool_calls[{j}].id: expected a string")
-            call_names[call.get("id")] = _no_long_piece(fn["name"], f"{where}.tool_calls[{j}].function.name")
-            if not isinstance(fn.get("arguments") or "", str):
-                raise ChatFormatError(f"{where}.tool_calls[{j}].function.arguments: expected a string")
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(fn.get("arguments") or "{}"))
-                       .with_channel("commentary").with_recipient(f"functions.{fn['name']}")
-                       .with_content_type("<|constrain|>json"))
-        return out
+        """OpenAI-style ``messages`` (+ function ``tools``) -> a harmony Conversation (:func:`conversation`)."""
+        own = _spliced.text if _spliced is not None else None
+        return conversation(messages, tools=tools, reasoning_effort=reasoning_effort, date=date,
+                            model_identity=model_identity, own=own)
 
     def render(self, messages: list[dict], **options) -> list[int]:
-        """Prompt ids for the assistant's next turn (options as :meth:`conversation`), as openai-harmony
+        """Prompt ids for the assistant's next turn (options as :func:`conversation`), as openai-harmony
         renders them; message texts with runs over :data:`HARMONY_MAX_PIECE` characters are tokenized by
         :func:`encode_bounded` (the same ids, in linear time; runs over ``MAX_PIECE_CHARS`` are cut)."""
         spliced = _Spliced(self.tokenizer)
@@ -257,6 +192,89 @@ class ChatFormat:
             parser.feed(t)
         parser.finish()
         return parser.output
+
+
+def conversation_date(date: str | datetime.date | None = None) -> str:
+    """The system message's ``Current date:``: ``date`` when given, else today (serving and training alike)."""
+    return str(date or datetime.date.today())
+
+
+def conversation(messages: list[dict], *, tools: list[dict] | None = None, reasoning_effort: str = "medium",
+                 date: str | datetime.date | None = None, model_identity: str | None = None,
+                 own=None) -> oh.Conversation:
+    """The one renderer: OpenAI-style ``messages`` (+ function ``tools``) -> a harmony Conversation, for
+    serving (:meth:`ChatFormat.render`) and training (``train.data``) alike.
+
+    The system message carries the reasoning effort and :func:`conversation_date`; ``own(text)`` maps
+    texts harmony tokenizes alone (serving's long-run splicing; default identity)."""
+    own = own or (lambda text: text)
+    if reasoning_effort not in REASONING_EFFORTS:
+        raise ChatFormatError(f"reasoning_effort: expected one of {REASONING_EFFORTS}, got {reasoning_effort!r}")
+    system = oh.SystemContent.new().with_reasoning_effort(oh.ReasoningEffort(reasoning_effort.capitalize()))
+    system = system.with_conversation_start_date(conversation_date(date))
+    if model_identity:
+        system = system.with_model_identity(model_identity)
+    instructions, turns, call_names = [], [], {}
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError("messages: expected a non-empty list")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role in ("system", "developer"):
+            instructions.append(_no_long_piece(_text(m.get("content"), where), f"{where}.content"))
+        elif role == "user":
+            turns.append(oh.Message.from_role_and_content(oh.Role.USER, own(_text(m.get("content"), where))))
+        elif role == "assistant":
+            turns += _assistant(m, where, call_names, own)
+        elif role == "tool":
+            if not all(isinstance(m.get(k, ""), (str, type(None))) for k in ("name", "tool_call_id")):
+                raise ChatFormatError(f"{where}: name and tool_call_id must be strings")
+            name = m.get("name") or call_names.get(m.get("tool_call_id"))
+            if not name:
+                raise ChatFormatError(f"{where}: tool_call_id {m.get('tool_call_id')!r} matches no earlier tool call")
+            author = oh.Author.new(oh.Role.TOOL, f"functions.{_no_long_piece(str(name), where + '.name')}")
+            turns.append(oh.Message.from_author_and_content(author, own(_text(m.get("content"), where)))
+                         .with_recipient("assistant").with_channel("commentary"))
+        else:
+            raise ChatFormatError(f"{where}.role: expected system, developer, user, assistant or tool, got {role!r}")
+    head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    if instructions or tools:
+        developer = oh.DeveloperContent.new()
+        if instructions:
+            developer = developer.with_instructions("\n\n".join(instructions))
+        if tools:
+            developer = developer.with_function_tools(_tool_descriptions(tools))
+        head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
+    return oh.Conversation.from_messages(head + turns)
+
+
+def _assistant(m: dict, where: str, call_names: dict, own) -> list[oh.Message]:
+    out = []
+    reasoning = m.get("reasoning_content") or m.get("reasoning")
+    if reasoning:
+        if not isinstance(reasoning, str):
+            raise ChatFormatError(f"{where}.reasoning_content: expected a string")
+        out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(reasoning)).with_channel("analysis"))
+    calls = m.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise ChatFormatError(f"{where}.tool_calls: expected a list")
+    content = _text(m.get("content"), where)
+    if content:  # said before tool calls it is a commentary preamble, else the final answer
+        out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(content))
+                   .with_channel("commentary" if calls else "final"))
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatFormatError(f"{where}.tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
+        if not isinstance(call.get("id", ""), (str, type(None))):
+            raise ChatFormatError(f"{where}.tool_calls[{j}].id: expected a string")
+        call_names[call.get("id")] = _no_long_piece(fn["name"], f"{where}.tool_calls[{j}].function.name")
+        if not isinstance(fn.get("arguments") or "", str):
+            raise ChatFormatError(f"{where}.tool_calls[{j}].function.arguments: expected a string")
+        out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, own(fn.get("arguments") or "{}"))
+                   .with_channel("commentary").with_recipient(f"functions.{fn['name']}")
+                   .with_content_type("<|constrain|>json"))
+    return out
 
 
 class OutputParser:

@@ -82,7 +82,7 @@ class GptOss(nnx.Module):
     def unembed(self, x: jax.Array) -> jax.Array:
         """[..., H] -> float32 logits [..., V]."""
         lead = x.shape[:-1]
-        return matmul(x.reshape(-1, x.shape[-1]), self.unembedding[...], "nh,vh->nv").reshape(*lead, -1)
+        return matmul(x.reshape(-1, x.shape[-1]), self.unembedding[...], "mh,vh->mv").reshape(*lead, -1)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None

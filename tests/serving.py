@@ -50,7 +50,7 @@ def running_server(tmp, vocab: str, *extra: str):
     port = free_port()
     log_path = str(tmp / "server.log")
     env = {**os.environ, "GPTOSS_VOCAB": vocab, "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "gptoss_jax.cli", "serve", "--ckpt", ckpt, "--port", str(port), "--api-key", KEY,
+    cmd = [sys.executable, "-m", "gptoss_cli.main", "serve", "--ckpt", ckpt, "--port", str(port), "--api-key", KEY,
            "--max-batch", "4", "--context", str(CONTEXT), "--prefill-chunk", "16", "--max-tokens", "8", *extra]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

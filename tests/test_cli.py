@@ -17,7 +17,7 @@ SUMMARY = re.compile(r"\[(\d+) prompt \+ (\d+) generated tokens, [\d.]+ tokens/s
 
 def gptoss(*args, stdin: str | None = None, vocab: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "GPTOSS_VOCAB": vocab, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "--log-level", "WARNING", *args], cwd=ROOT, env=env,
+    p = subprocess.run([sys.executable, "-m", "gptoss_cli.main", "--log-level", "WARNING", *args], cwd=ROOT, env=env,
                        input=stdin, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"gptoss-jax {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-4000:]}"
     return p
@@ -87,7 +87,7 @@ def test_help_and_usage_errors(o200k_path):
     p = gptoss("--help", vocab=o200k_path)
     for command in ("generate", "chat", "serve", "demo"):
         assert command in p.stdout
-    bad = subprocess.run([sys.executable, "-m", "gptoss_jax.cli", "generate", "--prompt", "x"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "gptoss_cli.main", "generate", "--prompt", "x"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--ckpt" in bad.stderr
 
@@ -96,7 +96,7 @@ def test_help_and_usage_errors(o200k_path):
 def _main(argv, capsys, monkeypatch):
     """Run ``gptoss-jax ARGV`` in this process with the model load replaced by a tripwire; returns
     (exit status, stderr lines)."""
-    from gptoss_jax import cli
+    from gptoss_cli import main as cli
     from gptoss_jax.serving import options
 
     def tripwire(*a, **k):
@@ -207,7 +207,7 @@ def test_valid_arguments_reach_the_model_load(tiny_hf, capsys, monkeypatch):
 def test_user_errors_in_a_real_process_print_no_traceback(tmp_path):
     """One line and status 2 as a user sees it; ``--log-level DEBUG`` shows the traceback."""
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "gptoss_jax.cli", *args], cwd=ROOT, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "gptoss_cli.main", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
     missing = str(tmp_path / "nope")

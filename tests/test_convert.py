@@ -17,14 +17,15 @@ from flax import nnx
 
 import gptoss_jax
 from convert import CheckpointError, convert_checkpoint, export_official, save_checkpoint
-from convert import safetensors_file
-from convert.names import our_shapes, plan
-from convert.official import INDEX, carried_files, open_checkpoint
-from convert.orbax_format import MARKER, PARAMS, read_group, read_marker
+from gptoss_jax.checkpoint import safetensors_file
+from gptoss_jax.checkpoint.names import plan
+from gptoss_jax.checkpoint.official import INDEX, carried_files, open_checkpoint
+from gptoss_jax.checkpoint.orbax import MARKER, PARAMS, read_group, read_marker
 from convert.progress import Progress
 from convert.to_orbax import check_plan
-from gptoss_jax.cli import main as gptoss_jax_main
-from gptoss_jax.loading import flat_paths
+from gptoss_cli.main import main as gptoss_jax_main
+from gptoss_jax.checkpoint.shapes import flat_paths, param_shapes
+from gptoss_jax.layers.lora import Adapter, AttentionLoRA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 131072}',
@@ -111,7 +112,7 @@ def test_converted_folder_contents(tiny_hf, tiny_converted, tiny_cfg):
     assert marker["config"] == json.loads(json.dumps(open_checkpoint(tiny_hf).config.to_dict()))
     assert marker["experts"] == "mxfp4" and marker["dtype"] == "bfloat16"
     assert marker["source"]["layout"] == "transformers" and marker["source"]["tensors"] == 60
-    assert set(marker["params"]) == set(our_shapes(tiny_cfg))
+    assert set(marker["params"]) == set(param_shapes(tiny_cfg))
     assert sorted(os.listdir(os.path.join(tiny_converted, PARAMS))) == sorted(
         ["embedding", "norm", "unembedding", *(f"layers.{i}" for i in range(tiny_cfg.num_layers))])
     assert marker["files"] == ["generation_config.json"]
@@ -139,14 +140,14 @@ def test_every_source_tensor_read_once(tmp_path, tiny_original):
 def test_plan_accounting_rejects_gaps_and_doubles(tiny_hf, tiny_cfg):
     ckpt = open_checkpoint(tiny_hf)
     items = plan(tiny_cfg, "transformers")
-    check_plan(ckpt, items, our_shapes(tiny_cfg))
+    check_plan(ckpt, items, param_shapes(tiny_cfg))
     with pytest.raises(AssertionError, match="unfilled"):
-        check_plan(ckpt, items[:-1], our_shapes(tiny_cfg))
+        check_plan(ckpt, items[:-1], param_shapes(tiny_cfg))
     with pytest.raises(AssertionError, match="filled twice"):
-        check_plan(ckpt, items + items[:1], our_shapes(tiny_cfg))
+        check_plan(ckpt, items + items[:1], param_shapes(tiny_cfg))
     unused = [it for it in items if it.ours != "layers.2.attn.sinks"]
     with pytest.raises(CheckpointError, match="'model.layers.2.self_attn.sinks' is not used"):
-        check_plan(ckpt, unused, {k: v for k, v in our_shapes(tiny_cfg).items() if k != "layers.2.attn.sinks"})
+        check_plan(ckpt, unused, {k: v for k, v in param_shapes(tiny_cfg).items() if k != "layers.2.attn.sinks"})
 
 
 # ----------------------------------------------------------------------------------- bad inputs
@@ -297,9 +298,10 @@ def test_save_checkpoint_round_trip(tmp_path, tiny_hf, tokens):
     assert read_marker(dst).dtype == "float32" and read_marker(dst).source == {"kind": "model"}
     with pytest.raises(FileExistsError):
         save_checkpoint(model, dst)
-    model.layers[0].attn.q_lora_a = nnx.Param(jnp.zeros((96, 4)))  # an adapter not merged into the base
-    for write in (save_checkpoint, export_official):
-        with pytest.raises(ValueError, match="extra parameter 'layers.0.attn.q_lora_a'"):
+    model.layers[0].attn.lora = AttentionLoRA(Adapter(jnp.zeros((96, 4)), jnp.zeros((4, 4, 16)), (None, None),
+                                                      (None, None, None)), None, None, None, scale=1.0, dropout=0.0)
+    for write in (save_checkpoint, export_official):  # an adapter not merged into the base
+        with pytest.raises(ValueError, match="extra parameter 'layers.0.attn.lora.q.a'"):
             write(model, tmp_path / "adapted")
     assert not os.path.exists(tmp_path / "adapted")
 
@@ -367,7 +369,7 @@ def test_restore_onto_8_device_mesh(tiny_hf, tiny_converted, tokens):
     code = f"""
 import json, numpy as np, jax, jax.numpy as jnp, gptoss_jax
 from flax import nnx
-from gptoss_jax.loading import flat_paths
+from gptoss_jax.checkpoint.shapes import flat_paths
 mesh = jax.make_mesh((2, 4), ("model", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 tokens = np.array({tokens.tolist()})
 out = {{}}

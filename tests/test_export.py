@@ -11,7 +11,7 @@ import pytest
 
 import gptoss_jax
 from convert import CheckpointError, convert_checkpoint, export_official
-from convert.official import INDEX, open_checkpoint
+from gptoss_jax.checkpoint.official import INDEX, open_checkpoint
 from gptoss_jax.mxfp4 import unpack_np
 from tests.reference import load_reference, reference_logits
 

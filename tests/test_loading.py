@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import gptoss_jax
-from convert import safetensors_file
-from convert.names import CheckpointError
-from convert.official import detect_layout
+from gptoss_jax.checkpoint import safetensors_file
+from gptoss_jax.checkpoint.errors import CheckpointError
+from gptoss_jax.checkpoint.official import detect_layout
 from convert.synthetic import write_random_checkpoint
 
 
@@ -143,3 +143,20 @@ def test_dense_expert_checkpoint_loads(tmp_path, tiny_cfg, tiny_hf):
     tokens = np.arange(20)[None]
     a, b = np.asarray(model.logits(tokens)), np.asarray(packed.logits(tokens))
     assert np.abs(a - b).max() < 0.5 * np.abs(a).max()  # lossy, but the same model
+
+
+def test_loading_keeps_the_stored_expert_format(tmp_path, tiny_cfg, caplog):
+    """A folder storing dense experts (a merged LoRA, a community copy) loads dense unless asked otherwise,
+    from an official folder and from our converted one; nothing is quantized, nothing warned."""
+    from convert import convert_checkpoint
+
+    dense = write_random_checkpoint(tmp_path / "dense", tiny_cfg, experts="dense", seed=3)
+    ours = convert_checkpoint(dense, tmp_path / "dense-jax", experts="bf16", progress=False)
+    with caplog.at_level("WARNING"):
+        for folder in (dense, ours):
+            model = gptoss_jax.load(folder, dtype=jnp.float32)
+            assert model.expert_format == "dense" and model.layers[0].mlp.down_kernel[...].dtype == jnp.float32
+    assert "lossy" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert gptoss_jax.load(ours, dtype=jnp.float32, experts="mxfp4").expert_format == "mxfp4"
+    assert caplog.text.count("lossy") == 1

@@ -9,7 +9,7 @@ from flax import nnx
 
 import gptoss_jax
 from gptoss_jax.config import PRESETS
-from gptoss_jax.loading import abstract_model, flat_paths
+from gptoss_jax.checkpoint.shapes import abstract_model, flat_paths
 from tests.reference import reference_logits
 
 

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import gptoss_jax
 from gptoss_jax.config import PRESETS
 from gptoss_jax.layers.kv_cache import init_cache
-from gptoss_jax.loading import abstract_model, flat_paths
+from gptoss_jax.checkpoint.shapes import abstract_model, flat_paths
 from gptoss_jax.model import GptOss
 from gptoss_jax.sharding import (Layout, add_mesh_arguments, bytes_per_device, cache_shardings, mesh_from_args,
                                  mesh_from_spec, parse_mesh_spec, shard_model, state_shardings, tree_shardings)

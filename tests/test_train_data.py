@@ -159,3 +159,26 @@ def test_config_file_overrides_and_errors(tmp_path):
             d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) else v
         with pytest.raises(TrainConfigError, match=f"field '{field}'"):
             from_dict(d, "c.toml")
+
+
+@pytest.mark.parametrize("record_date", [None, "2026-01-15"])
+def test_training_prompt_equals_what_serve_renders(enc, o200k_path, record_date):
+    """The tokens a training sample conditions the answer on are exactly the prompt ``serve`` builds for
+    the same messages (same renderer: system message with reasoning effort and Current date:)."""
+    from gptoss_jax.serving.prompts import Preparer
+
+    msgs = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris", "thinking": "Easy."},
+            {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome"}]
+    record = {"messages": msgs} if record_date is None else {"messages": msgs, "date": record_date}
+    sample = data.render(enc, data.harmony_messages(record, "x:1"), False, "x:1")
+    start = int(np.flatnonzero(~sample.mask).max()) + 1  # the last trained run: the last assistant turn
+    prompt = sample.tokens[:start].tolist()  # up to its <|start|>assistant
+    preparer = Preparer(o200k_path, context=4096, reasoning_effort="medium")
+    body = {"model": "m", "messages": [{k: v for k, v in m.items() if k != "thinking"} for m in msgs[:-1]]}
+    if record_date is None:
+        _, served = preparer.prepare(json.dumps(body).encode())
+    else:  # the API has no date field; serve's renderer with the same date
+        served = preparer.fmt.render(body["messages"], reasoning_effort="medium", date=record_date)
+    assert prompt == served
+    assert "Current date:" in preparer.fmt.tokenizer.decode(prompt)

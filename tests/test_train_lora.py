@@ -3,15 +3,19 @@ stays bit-identical), a tiny dataset is overfit, packed rows equal their samples
 reproduces the adapted model."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import re
+
 import numpy as np
 import pytest
 from flax import nnx
 
 import gptoss_jax
 from gptoss_jax import mxfp4
-from gptoss_jax.loading import flat_paths
+from gptoss_jax.checkpoint.shapes import flat_paths
 from train import data, lora, trainer
 from train.config import OptimizerConfig
 from train.optim import make_optimizer
@@ -33,7 +37,7 @@ def test_fresh_adapters_leave_logits_bit_identical(tiny_hf, tiny_cfg, shape):
     lora.add_lora(model, rank=4, alpha=8.0)
     np.testing.assert_array_equal(np.asarray(model.logits(tokens)), before)
     # and adapters are really in the computation: a non-zero B changes the logits
-    model.layers[1].mlp.down_lora_b.set_value(jnp.full_like(model.layers[1].mlp.down_lora_b[...], 0.05))
+    model.layers[1].mlp.lora.down.b.set_value(jnp.full_like(model.layers[1].mlp.lora.down.b[...], 0.05))
     assert np.abs(np.asarray(model.logits(tokens)) - before).max() > 1e-3
 
 
@@ -88,12 +92,11 @@ def test_lora_overfits_a_tiny_dataset(lora_run):
 def test_lora_trains_only_adapters_and_base_stays_packed_and_bit_identical(lora_run):
     state, params = lora_run["state"], lora_run["params"]
     assert params.keys() == lora_run["start"].keys()
-    assert all(k.rsplit(".", 1)[1] in {f"{t}_lora_{ab}" for t in lora.ATTENTION_TARGETS + lora.EXPERT_TARGETS
-                                        for ab in "ab"} for k in params)
+    assert all(re.fullmatch(r"layers\.\d+\.(attn\.lora\.[qkvo]|mlp\.lora\.(gate_up|down))\.[ab]", k) for k in params)
     assert all(not np.array_equal(np.asarray(params[k]), lora_run["start"][k]) for k in params)  # every adapter moved
     model = nnx.merge(state.graphdef, from_tree(state.template, params), state.frozen)
     after = {k: np.asarray(v[...]) for k, v in flat_paths(nnx.state(model, nnx.Param)).items()
-             if "_lora_" not in k}
+             if ".lora." not in k}
     assert after.keys() == lora_run["base"].keys()
     for k, v in lora_run["base"].items():
         np.testing.assert_array_equal(after[k], v, err_msg=k)
@@ -117,10 +120,12 @@ def test_merged_packed_model_matches_the_adapted_model(lora_run):
     want = np.asarray(adapted.logits(tokens))
     exact = {}
     for i, block in enumerate(adapted.layers):
-        for name in lora.EXPERT_TARGETS:
-            w = mxfp4.unpack_np(np.asarray(block.mlp.__getattribute__(f"{name}_blocks")[...]),
-                                np.asarray(block.mlp.__getattribute__(f"{name}_scales")[...]))
-            exact[i, name] = w + np.swapaxes(np.asarray(lora._delta(block.mlp, name)), 1, 2)
+        mlp, lo = block.mlp, block.mlp.lora
+        for name, blocks, scales, adapter in (("gate_up", mlp.gate_up_blocks, mlp.gate_up_scales, lo.gate_up),
+                                              ("down", mlp.down_blocks, mlp.down_scales, lo.down)):
+            w = mxfp4.unpack_np(np.asarray(blocks[...]), np.asarray(scales[...]))
+            delta = lora.delta(adapter, lora.DELTA_SPECS[name], lo.scale)
+            exact[i, name] = w + np.swapaxes(np.asarray(delta), 1, 2)
     merged = lora.merge_lora(_adapted_model(state, params))
     assert not lora.has_lora(merged)
     for (i, name), w in exact.items():

@@ -38,10 +38,9 @@ for spec in specs:
     mesh = mesh_from_spec(spec) if spec else None
     model = trainer.build_model(cfg, mesh)
     if mode == "lora":  # non-zero B so that every adapter gets a gradient
-        for m, names in lora.lora_modules(model):
-            for name in names:
-                b = getattr(m, f"{name}_lora_b")
-                b.set_value(jnp.asarray(0.02 * np.random.default_rng(1).standard_normal(b.shape), jnp.float32))
+        for adapter in lora.adapters(model):
+            b = adapter.b
+            b.set_value(jnp.asarray(0.02 * np.random.default_rng(1).standard_normal(b.shape), jnp.float32))
     state = trainer.split(model, mode, mesh)
     tx = optax.sgd(1.0)  # new params = old - gradient: compares the gradients themselves
     step, _, opt = trainer.compile_steps(state, tx, mesh)

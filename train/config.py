@@ -29,6 +29,7 @@ class DataConfig:
     include_analysis: bool = False  # also train on the assistant's analysis (reasoning) channel
     shuffle: bool = True  # reshuffle samples every epoch (by seed)
     encodings_dir: str = ""  # folder holding o200k_base.tiktoken; default $TIKTOKEN_ENCODINGS_BASE
+    date: str = ""  # the system message's "Current date:" for records without "date" (default: today, as serve)
 
 
 @dataclasses.dataclass

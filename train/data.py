@@ -1,9 +1,11 @@
 """Chat data: JSONL conversations -> harmony tokens with an assistant loss mask -> packed rows.
 
 A record is ``{"messages": [{"role": "system"|"developer"|"user"|"assistant", "content": str,
-"thinking" | "reasoning_content": str (assistant, optional)}, ...]}``. Like the model's chat template,
-leading system/developer messages become the harmony developer instructions and a default harmony
-system message comes first; an assistant message renders as an ``analysis`` message (its thinking)
+"thinking" | "reasoning_content": str (assistant, optional)}, ...], "date": str (optional),
+"reasoning_effort": str (optional)}``. The conversation is built by the renderer serving uses
+(:func:`gptoss_jax.harmony.conversation`), so a tuned model is served the prompt it was trained on:
+leading system/developer messages become the harmony developer instructions and the harmony system
+message (reasoning effort, ``Current date:``) comes first; an assistant message renders as an ``analysis`` message (its thinking)
 followed by a ``final`` message (its content). As at inference, earlier turns' analysis messages are
 dropped and the last turn's reasoning is kept; the conversation is then rendered by openai-harmony's
 ``render_conversation_for_training`` (the last message ending in ``<|return|>``). (harmony's own
@@ -23,6 +25,8 @@ import json
 import os
 
 import numpy as np
+
+from gptoss_jax import harmony
 
 ROLES = ("system", "developer", "user", "assistant")
 START, ASSISTANT = 200006, 173781  # <|start|>, "assistant"
@@ -65,16 +69,17 @@ def _text(value, where: str, what: str) -> str:
     raise DataError(f"{where}: {what} must be a string or a list of text parts, got {type(value).__name__}")
 
 
-def harmony_messages(record, where: str) -> list:
-    """Validate one record and build its harmony messages (system, developer, user/assistant...)."""
-    import openai_harmony as oh
-
+def harmony_messages(record, where: str, date: str | None = None) -> list:
+    """Validate one record and build its harmony messages (system, developer, user/assistant...) with
+    the renderer serving uses (:func:`gptoss_jax.harmony.conversation`): the system message carries the
+    record's ``reasoning_effort`` (default medium, as ``serve``) and ``Current date:`` from the record's
+    ``date``, else ``date``, else today (serving's rule)."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise DataError(f"{where}: expected an object with a 'messages' list")
     messages = record["messages"]
     if not messages:
         raise DataError(f"{where}: empty conversation (no messages)")
-    instructions, out, seen_chat = [], [], False
+    chat, seen_chat = [], False
     for i, m in enumerate(messages):
         at = f"{where}: message {i}"
         if not isinstance(m, dict):
@@ -88,26 +93,27 @@ def harmony_messages(record, where: str) -> list:
         if role in ("system", "developer"):
             if seen_chat:
                 raise DataError(f"{at}: a {role} message must come before the user/assistant messages")
-            instructions.append(content)
+            chat.append({"role": role, "content": content})
             continue
         seen_chat = True
         if role == "user":
-            out.append(oh.Message.from_role_and_content(oh.Role.USER, content))
+            chat.append({"role": "user", "content": content})
             continue
         thinking = _text(m.get("thinking", m.get("reasoning_content")), at, "'thinking'")
         if not thinking and not content:
             raise DataError(f"{at}: assistant message has neither content nor thinking")
-        if thinking:
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, thinking).with_channel("analysis"))
-        if content:
-            out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("final"))
-    if not any(msg.author.role == oh.Role.ASSISTANT for msg in out):
+        chat.append({"role": "assistant", "content": content, "reasoning_content": thinking})
+    if not any(m["role"] == "assistant" for m in chat):
         raise DataError(f"{where}: no assistant message (nothing to train on)")
-    head = [oh.Message.from_role_and_content(oh.Role.SYSTEM, oh.SystemContent.new())]
-    if instructions:
-        dev = oh.DeveloperContent.new().with_instructions("\n\n".join(instructions))
-        head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev))
-    return head + out
+    options = {"date": record.get("date", date), "reasoning_effort": record.get("reasoning_effort", "medium")}
+    for key, value in options.items():
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+    try:
+        return list(harmony.conversation(chat, date=options["date"] or None,
+                                         reasoning_effort=options["reasoning_effort"]).messages)
+    except harmony.ChatFormatError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def render(enc, messages: list, include_analysis: bool, where: str) -> Sample:
@@ -140,7 +146,8 @@ def render(enc, messages: list, include_analysis: bool, where: str) -> Sample:
     return Sample(np.asarray(tokens, np.int32), mask, where)
 
 
-def read_jsonl(path: str, enc, *, include_analysis: bool, max_tokens: int, vocab_size: int) -> list[Sample]:
+def read_jsonl(path: str, enc, *, include_analysis: bool, max_tokens: int, vocab_size: int,
+               date: str | None = None) -> list[Sample]:
     """All samples of one JSONL file; any bad record stops with ``path:line: reason``."""
     samples = []
     try:
@@ -156,7 +163,7 @@ def read_jsonl(path: str, enc, *, include_analysis: bool, max_tokens: int, vocab
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            sample = render(enc, harmony_messages(record, where), include_analysis, where)
+            sample = render(enc, harmony_messages(record, where, date), include_analysis, where)
             n = len(sample.tokens)
             if n > max_tokens:
                 raise DataError(f"{where}: sample is {n} tokens, longer than data.sequence_length + 1 = {max_tokens}")
@@ -173,11 +180,11 @@ def read_jsonl(path: str, enc, *, include_analysis: bool, max_tokens: int, vocab
 
 
 def load_samples(paths: list[str], enc, *, include_analysis: bool, sequence_length: int,
-                 vocab_size: int) -> list[Sample]:
+                 vocab_size: int, date: str | None = None) -> list[Sample]:
     out = []
     for p in paths:
         out.extend(read_jsonl(p, enc, include_analysis=include_analysis, max_tokens=sequence_length + 1,
-                              vocab_size=vocab_size))
+                              vocab_size=vocab_size, date=date))
     return out
 
 

@@ -16,6 +16,7 @@ import sys
 import jax.numpy as jnp
 from flax import nnx
 
+import convert
 import gptoss_jax
 from train import lora
 from train.checkpointing import Checkpoints
@@ -46,7 +47,6 @@ def merge_checkpoint(checkpoints: str, out: str, step: int | None = None, base: 
     """Merge a lora run's adapters (latest step unless ``step``) into the base and write ``out``:
     our Orbax format (``convert.save_checkpoint``), or with ``official`` the transformers layout with
     MXFP4 experts (``convert.export_official``). Tokenizer/generation files of the base are carried over."""
-    import convert
 
     model = lora.merge_lora(load_lora_model(checkpoints, step, base, experts))
     base_folder = base or Checkpoints(checkpoints).read_meta(step)["base"]["checkpoint"]

@@ -1,7 +1,7 @@
 """The training step: masked next-token cross-entropy, gradient accumulation, AdamW update.
 
 Parameters travel as flat dicts ``{dotted path: array}`` (the loader's names, e.g.
-``layers.0.attn.q_lora_a``): optax and Orbax see plain pytrees; inside the step they are merged back
+``layers.0.attn.lora.q.a``): optax and Orbax see plain pytrees; inside the step they are merged back
 into the model's nnx state. The frozen part (the packed base in lora mode) is an input that is
 never differentiated nor returned.
 """
@@ -63,7 +63,7 @@ def cross_entropy_sum(hidden: jax.Array, unembedding: jax.Array, targets: jax.Ar
 
     @jax.checkpoint
     def one(hc, tc, mc):
-        logits = jnp.einsum("nh,vh->nv", hc, w, precision=precision_for(hc.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("mh,vh->mv", hc, w, precision=precision_for(hc.dtype), preferred_element_type=jnp.float32)
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jnp.sum(jnp.where(mc, nll, 0.0))
 

@@ -6,5 +6,6 @@
 """
 from gptoss_jax.decode.engine import FINISH_REASONS, Engine, Request
 from gptoss_jax.decode.sampling import STOP_TOKENS, SamplingParams
+from gptoss_jax.layers.attention import set_attention
 
-__all__ = ["Engine", "Request", "SamplingParams", "STOP_TOKENS", "FINISH_REASONS"]
+__all__ = ["Engine", "Request", "SamplingParams", "STOP_TOKENS", "FINISH_REASONS", "set_attention"]

@@ -19,6 +19,7 @@ from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
 from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
 from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
+from gptoss_jax.layers.lora import AttentionLoRA
 from gptoss_jax.layers.rope import apply_rope
 
 
@@ -55,13 +56,13 @@ def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Arra
     g = nq // nkv
     prec = precision_for(q.dtype)
     qg = q.reshape(b, tq, nkv, g, d)
-    scores = jnp.einsum("bqkgd,bksd->bkgqs", qg, k, precision=prec, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32)
     scores = scores * jnp.float32(1.0 / math.sqrt(d))
     mask = attention_mask(q_pos, k_pos, window, q_seg, k_seg)[:, None, None, :, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nkv, g, 1, 1), (b, nkv, g, tq, 1))
     probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
-    out = jnp.einsum("bkgqs,bksd->bqkgd", probs.astype(v.dtype), v, precision=prec,
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, precision=prec,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, tq, nq, d).astype(q.dtype)
 
@@ -111,14 +112,13 @@ class Attention(nnx.Module):
     Parameters: ``q_kernel`` [H, nq, D], ``k_kernel``/``v_kernel`` [H, nkv, D], their biases,
     ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq].
 
-    Optional LoRA adapters (attached by ``train.lora.add_lora``) on projection ``p`` in q/k/v/o:
-    ``{p}_lora_a`` [in..., r], ``{p}_lora_b`` [r, out...] (``nnx.LoRAParam``), scaled by ``lora_scale``;
-    ``lora_dropout`` (rate) applies while a ``lora_key`` variable is set (training).
+    ``lora``: None, or the :class:`~gptoss_jax.layers.lora.AttentionLoRA` adapters of q/k/v/o
+    (attached by ``train.lora.add_lora``).
     """
 
     #: LoRA einsum specs per projection: x -> rank r, rank r -> output.
-    LORA_SPECS = {"q": ("bth,hr->btr", "btr,rnd->btnd"), "k": ("bth,hr->btr", "btr,rnd->btnd"),
-                  "v": ("bth,hr->btr", "btr,rnd->btnd"), "o": ("btnd,ndr->btr", "btr,rh->bth")}
+    LORA_SPECS = {"q": ("bth,hr->btr", "btr,rnd->btnd"), "k": ("bth,hr->btr", "btr,rkd->btkd"),
+                  "v": ("bth,hr->btr", "btr,rkd->btkd"), "o": ("btnd,ndr->btr", "btr,rh->bth")}
 
     def __init__(self, cfg: GptOssConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window(layer)
@@ -137,16 +137,16 @@ class Attention(nnx.Module):
         self.o_kernel = normal((nq, d, h), ("heads", "head_dim", "embed"))
         self.o_bias = normal((h,), ("embed",))
         self.sinks = normal((nq,), ("heads",), std=1.0)
+        self.lora: AttentionLoRA | None = nnx.data(None)  # a data field: adapters may be attached
 
     def _lora(self, name: str, x: jax.Array) -> jax.Array | None:
         """The float32 LoRA update of projection ``name`` on input ``x``, or None when none is attached."""
-        if not hasattr(self, f"{name}_lora_a"):
+        lo = self.lora
+        adapter = None if lo is None else {"q": lo.q, "k": lo.k, "v": lo.v, "o": lo.o}[name]
+        if adapter is None:
             return None
-        key = self.lora_key[...] if getattr(self, "lora_key", None) is not None else None
-        key = None if key is None else jax.random.fold_in(key, "qkvo".index(name))
-        return lora_delta(x, getattr(self, f"{name}_lora_a")[...],
-                          getattr(self, f"{name}_lora_b")[...] * self.lora_scale,
-                          *self.LORA_SPECS[name], key, self.lora_dropout)
+        return lora_delta(x, adapter.a[...], adapter.b[...] * lo.scale, *self.LORA_SPECS[name],
+                          lo.dropout_key("qkvo".index(name)), lo.dropout)
 
     def _project(self, name: str, x: jax.Array, spec: str) -> jax.Array:
         """Projection ``name`` (q, k or v) with its bias and, when attached, its LoRA update."""
@@ -163,8 +163,8 @@ class Attention(nnx.Module):
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences and cannot be used with a cache")
         q = apply_rope(self._project("q", x, "bth,hnd->btnd"), cos, sin)
-        k = apply_rope(self._project("k", x, "bth,hnd->btnd"), cos, sin)
-        v = self._project("v", x, "bth,hnd->btnd")
+        k = apply_rope(self._project("k", x, "bth,hkd->btkd"), cos, sin)
+        v = self._project("v", x, "bth,hkd->btkd")
         if cache is None:
             out = attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), self.sinks[...], positions,
                                   positions, self.window, segment_ids, segment_ids, self.impl)
@@ -188,4 +188,4 @@ class Attention(nnx.Module):
         """[B, T, nq, D] -> [B, T, H], as one contraction axis (XLA:CPU upcasts bf16 dots contracting two)."""
         b, t, nq, d = out.shape
         o_kernel = self.o_kernel[...].reshape(nq * d, -1)
-        return dense(out.reshape(b, t, nq * d), o_kernel, "btk,kh->bth", self.o_bias[...], self._lora("o", out))
+        return dense(out.reshape(b, t, nq * d), o_kernel, "btf,fh->bth", self.o_bias[...], self._lora("o", out))

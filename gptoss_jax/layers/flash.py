@@ -126,7 +126,7 @@ def _blocks(window, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg, i, j):
 
 def _scores(qb, kb, mask, d):
     """[B,nkv,g,bq,bk] float32 scaled scores, -inf where masked."""
-    s = jnp.einsum("bqkgd,bksd->bkgqs", qb, kb, precision=precision_for(qb.dtype),
+    s = jnp.einsum("btkgd,bksd->bkgts", qb, kb, precision=precision_for(qb.dtype),
                    preferred_element_type=jnp.float32) * jnp.float32(1.0 / math.sqrt(d))
     return jnp.where(mask, s, -jnp.inf)
 
@@ -148,7 +148,7 @@ def _forward(window, bq, bk, q, k, v, sinks, q_pos, k_pos, q_seg, k_seg):
             m_new = jnp.maximum(m, s.max(axis=-1))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])
-            acc = acc * alpha[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), vb, precision=prec,
+            acc = acc * alpha[..., None] + jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), vb, precision=prec,
                                                       preferred_element_type=jnp.float32)
             return m_new, l * alpha + p.sum(axis=-1), acc
 
@@ -197,12 +197,12 @@ def _flash_bwd(window, bq, bk, res, dout):
             dq, dk, dv = c
             qb, kb, vb, mask, start = _blocks(window, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg, i, j)
             p = jnp.exp(_scores(qb, kb, mask, d) - lse_i[..., None])  # [B,nkv,g,bq,bk]
-            dv_j = jnp.einsum("bkgqs,bqkgd->bksd", p.astype(q.dtype), do_b, precision=prec,
+            dv_j = jnp.einsum("bkgts,btkgd->bksd", p.astype(q.dtype), do_b, precision=prec,
                               preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqkgd,bksd->bkgqs", do_b, vb, precision=prec, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("btkgd,bksd->bkgts", do_b, vb, precision=prec, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
-            dq = dq + jnp.einsum("bkgqs,bksd->bqkgd", ds, kb, precision=prec, preferred_element_type=jnp.float32)
-            dk_j = jnp.einsum("bkgqs,bqkgd->bksd", ds, qb, precision=prec, preferred_element_type=jnp.float32)
+            dq = dq + jnp.einsum("bkgts,bksd->btkgd", ds, kb, precision=prec, preferred_element_type=jnp.float32)
+            dk_j = jnp.einsum("bkgts,btkgd->bksd", ds, qb, precision=prec, preferred_element_type=jnp.float32)
             add = lambda acc, x: lax.dynamic_update_slice_in_dim(  # noqa: E731
                 acc, lax.dynamic_slice_in_dim(acc, start, bk, axis=2) + x, start, axis=2)
             return dq, add(dk, dk_j), add(dv, dv_j)

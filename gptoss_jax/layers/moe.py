@@ -36,6 +36,7 @@ from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.kernels import mxfp4_gmm
 from gptoss_jax.layers.common import dense, dropout, matmul, param, precision_for
+from gptoss_jax.layers.lora import ExpertLoRA
 
 PACKED = "mxfp4"
 DENSE = "dense"
@@ -67,7 +68,7 @@ def kernel_choice(mode: str | None = None, platform: str | None = None) -> tuple
 
 def router(x: jax.Array, kernel: jax.Array, bias: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """x [N, H] -> (weights [N, k] in x's dtype, expert ids [N, k] int32), top-k then softmax."""
-    logits = dense(x, kernel, "nh,he->ne", bias)
+    logits = dense(x, kernel, "mh,he->me", bias)
     top, idx = jax.lax.top_k(logits, k)
     weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1).astype(x.dtype)
     return weights, idx.astype(jnp.int32)
@@ -178,12 +179,12 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
 
         def compute(_):
             w = _expert_weight(experts, name, eid, x.dtype)  # [out, in] of one expert
-            y = jnp.einsum("bi,oi->bo", rows, w, precision=prec, preferred_element_type=jnp.float32)
+            y = jnp.einsum("li,oi->lo", rows, w, precision=prec, preferred_element_type=jnp.float32)
             if lora:
                 a = experts[f"{name}_lora_a"][eid].astype(x.dtype)
                 b = experts[f"{name}_lora_b"][eid].astype(x.dtype)
-                h = jnp.einsum("bi,ir->br", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
-                y = y + jnp.einsum("br,ro->bo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
+                h = jnp.einsum("li,ir->lr", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
+                y = y + jnp.einsum("lr,ro->lo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
             return y
 
         return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
@@ -202,8 +203,8 @@ def _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec):
     if f"{name}_lora_a" in experts:  # padding blocks (id E) take zero adapters
         a = take_experts(experts[f"{name}_lora_a"], block_expert).astype(xb.dtype)  # [nb, in, r]
         b = take_experts(experts[f"{name}_lora_b"], block_expert).astype(xb.dtype)  # [nb, r, out]
-        h = jnp.einsum("nbi,nir->nbr", xl, a, precision=prec, preferred_element_type=jnp.float32).astype(xb.dtype)
-        y = y + jnp.einsum("nbr,nro->nbo", h, b, precision=prec, preferred_element_type=jnp.float32).reshape(y.shape)
+        h = jnp.einsum("cli,cir->clr", xl, a, precision=prec, preferred_element_type=jnp.float32).astype(xb.dtype)
+        y = y + jnp.einsum("clr,cro->clo", h, b, precision=prec, preferred_element_type=jnp.float32).reshape(y.shape)
     return y
 
 
@@ -239,7 +240,7 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     else:
         raise ValueError(f"unknown expert path {path!r}")
     y = y.reshape(n, k, -1).astype(jnp.float32)
-    return jnp.einsum("nkh,nk->nh", y, weights.astype(jnp.float32)).astype(x.dtype)
+    return jnp.einsum("mxh,mx->mh", y, weights.astype(jnp.float32)).astype(x.dtype)
 
 
 class MoE(nnx.Module):
@@ -248,9 +249,8 @@ class MoE(nnx.Module):
     Packed experts: ``gate_up_blocks`` [E, 2I, H/32, 16], ``gate_up_scales`` [E, 2I, H/32],
     ``down_blocks`` [E, H, I/32, 16], ``down_scales`` [E, H, I/32]; dense experts: ``gate_up_kernel``
     [E, H, 2I], ``down_kernel`` [E, I, H]. Biases ``gate_up_bias`` [E, 2I], ``down_bias`` [E, H].
-    Optional per-expert LoRA (attached by ``train.lora.add_lora``): ``gate_up_lora_a`` [E, H, r],
-    ``gate_up_lora_b`` [E, r, 2I], ``down_lora_a`` [E, I, r], ``down_lora_b`` [E, r, H], ``lora_scale``,
-    ``lora_dropout`` (rate, applied while a ``lora_key`` variable is set).
+    ``lora``: None, or the per-expert :class:`~gptoss_jax.layers.lora.ExpertLoRA` adapters of
+    gate_up / down (attached by ``train.lora.add_lora``).
     """
 
     def __init__(self, cfg: GptOssConfig, *, dtype, experts: str = PACKED, rngs: nnx.Rngs):
@@ -283,15 +283,17 @@ class MoE(nnx.Module):
             self.down_kernel = normal((e, i, h), ("experts", "mlp", "embed"))
         self.gate_up_bias = normal((e, 2 * i), ("experts", "mlp"))
         self.down_bias = normal((e, h), ("experts", "embed"))
+        self.lora: ExpertLoRA | None = nnx.data(None)  # a data field: adapters may be attached
 
     def expert_weights(self) -> dict:
         names = ("gate_up_blocks", "gate_up_scales", "down_blocks", "down_scales") if self.expert_format == PACKED \
             else ("gate_up_kernel", "down_kernel")
         out = {n: getattr(self, n)[...] for n in (*names, "gate_up_bias", "down_bias")}
-        for name in ("gate_up", "down"):
-            if hasattr(self, f"{name}_lora_a"):
-                out[f"{name}_lora_a"] = getattr(self, f"{name}_lora_a")[...]
-                out[f"{name}_lora_b"] = getattr(self, f"{name}_lora_b")[...] * self.lora_scale
+        lo = self.lora
+        for name, adapter in (() if lo is None else (("gate_up", lo.gate_up), ("down", lo.down))):
+            if adapter is not None:  # experts_forward's dict keys
+                out[f"{name}_lora_a"] = adapter.a[...]
+                out[f"{name}_lora_b"] = adapter.b[...] * lo.scale
         return out
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -299,8 +301,8 @@ class MoE(nnx.Module):
         b, t, h = x.shape
         flat = x.reshape(b * t, h)
         weights, ids = router(flat, self.router_kernel[...], self.router_bias[...], self.top_k)
-        key = getattr(self, "lora_key", None)
-        lora_dropout = None if key is None else (key[...], self.lora_dropout)
+        lo = self.lora
+        lora_dropout = None if lo is None or lo.key is None else (lo.key[...], lo.dropout)
         args = (flat, ids, weights, self.expert_weights(), self.num_experts, self.alpha, self.limit)
         if self.layout is None:
             y = experts_forward(*args, lora_dropout=lora_dropout)

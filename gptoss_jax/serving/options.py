@@ -110,9 +110,9 @@ def validate(args: argparse.Namespace) -> None:
 def check_checkpoint(path: str) -> None:
     """``--ckpt``: an existing folder in a layout :func:`gptoss_jax.load` reads (official transformers
     layout, ``original/``, or converted by ``gptoss-jax convert``); reads only JSON and safetensors headers."""
-    from convert.names import CheckpointError
-    from convert.official import open_checkpoint
-    from convert.orbax_format import is_converted, read_marker
+    from gptoss_jax.checkpoint.errors import CheckpointError
+    from gptoss_jax.checkpoint.official import open_checkpoint
+    from gptoss_jax.checkpoint.orbax import is_converted, read_marker
 
     if not os.path.exists(path):
         raise UsageError(f"--ckpt {path}: no such folder")
@@ -156,8 +156,7 @@ def build_engine(ckpt: str | os.PathLike, args: argparse.Namespace):
     import jax.numpy as jnp
 
     import gptoss_jax
-    from gptoss_jax.decode import Engine
-    from gptoss_jax.layers.attention import set_attention
+    from gptoss_jax.decode import Engine, set_attention
 
     t0 = time.perf_counter()
     mesh = mesh_from_args(args)

@@ -109,7 +109,7 @@ def _all_to_all(x, ids, weights, experts, *, per_shard, shards, expert_axes, alp
     out = experts_forward(rows, row_ids, jnp.ones_like(row_ids, x.dtype), experts, per_shard, alpha, limit, path,
                           lora_dropout)
     back = exchange(out.reshape(n, capacity, h))[dest, slot].reshape(tokens, k, h)
-    return jnp.einsum("nkh,nk->nh", back.astype(jnp.float32), weights.astype(jnp.float32)).astype(x.dtype)
+    return jnp.einsum("mxh,mx->mh", back.astype(jnp.float32), weights.astype(jnp.float32)).astype(x.dtype)
 
 
 def expert_parallel_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: dict, num_experts: int,

@@ -20,7 +20,7 @@ from gptoss_jax.layers.moe import experts_forward
 from gptoss_jax.sharding.expert_parallel import REDUCE, SCHEMES, expert_parallel_forward
 from gptoss_jax.sharding.rules import Rules, get_rules, mesh_axes_for, named_sharding
 
-#: Logical axes of one layer's cache (k/v [B, S, nkv, D], pos [B, S]).
+#: Logical axes of one layer's cache (k/v [B, nkv, S, D], pos [B, S]).
 CACHE_AXES = LayerCache(k=("batch", "kv_heads", None, "head_dim"), v=("batch", "kv_heads", None, "head_dim"),
                         pos=("batch", None))
 

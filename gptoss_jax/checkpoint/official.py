@@ -1,6 +1,6 @@
 """Official gpt-oss checkpoint folders: layout detection, config, validated tensor access.
 
-Two layouts (see :mod:`convert.names`):
+Two layouts (see :mod:`gptoss_jax.checkpoint.names`):
 - transformers (the repository root): ``config.json`` (``model_type: gpt_oss``), optional
   ``model.safetensors.index.json``, ``model.safetensors`` or 0-based shards
   ``model-0000N-of-0000M.safetensors``; experts MXFP4 when ``quantization_config.quant_method`` is
@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import itertools
 import json
 import os
-from typing import Iterator
 
 import numpy as np
 
-from convert import safetensors_file
-from convert.names import ORIGINAL, TRANSFORMERS, CheckpointError, TensorSpec, layout_tensors
-from convert.safetensors_file import SafetensorsError, SafetensorsFile
+from gptoss_jax.checkpoint import safetensors_file
+from gptoss_jax.checkpoint.errors import CheckpointError
+from gptoss_jax.checkpoint.names import ORIGINAL, TRANSFORMERS, TensorSpec, layout_tensors
+from gptoss_jax.checkpoint.safetensors_file import SafetensorsError, SafetensorsFile
 from gptoss_jax.config import ConfigError, GptOssConfig
 
 INDEX = "model.safetensors.index.json"
 #: Files beside the weights that describe tokenization and generation; carried through conversions.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                  "generation_config.json")
-#: The transformers converter's shard limit (published 20b shards are <= 4.8 GB).
-MAX_SHARD_BYTES = 4_800_000_000
 
 
 def _is_hf_config(d: dict) -> bool:
@@ -201,45 +198,3 @@ def carried_files(*folders: str | os.PathLike) -> dict[str, str]:
             if name not in found and os.path.isfile(path):
                 found[name] = path
     return found
-
-
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def write_shards(folder: str, entries: list[tuple[str, str, tuple[int, ...]]],
-                 values: Iterator[tuple[str, np.ndarray]], *, max_shard_bytes: int | None = None,
-                 single_file: str | None = "model.safetensors") -> dict[str, str]:
-    """Write tensors as the transformers layout does, streaming one tensor at a time.
-
-    entries: (name, safetensors dtype, shape) in writing order; ``values`` yields (name, array) in that
-    order. Tensors fill shards of at most ``max_shard_bytes`` in order (a bigger tensor gets its own).
-    One shard is written as ``single_file``; otherwise (or when ``single_file`` is None) as 0-based
-    ``model-0000k-of-0000N.safetensors`` (N = last index, the transformers converter's naming) with
-    ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``). Returns the weight map.
-    """
-    sizes = [int(np.prod(shape, dtype=np.int64)) * safetensors_file.DTYPES[dt].itemsize for _, dt, shape in entries]
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, nbytes in enumerate(sizes):
-        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    if len(shards) == 1 and single_file:
-        names = [single_file]
-    else:
-        names = [f"model-{k:05d}-of-{len(shards) - 1:05d}.safetensors" for k in range(len(shards))]
-    values = iter(values)
-    weight_map: dict[str, str] = {}
-    for fname, shard in zip(names, shards):
-        specs = [entries[i] for i in shard]
-        safetensors_file.write(os.path.join(folder, fname), itertools.islice(values, len(specs)), {"format": "pt"},
-                               specs=specs)
-        weight_map.update({name: fname for name, _, _ in specs})
-    if len(names) > 1 or not single_file:
-        write_json(os.path.join(folder, INDEX), {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
-    return weight_map

@@ -3,8 +3,9 @@
 Both official layouts store torch ``Linear`` weights ``[out, in]`` and the experts' packed MXFP4
 ``[E, out, in/32, 16]`` + ``[E, out, in/32]``; they differ in names and in ``original/`` fusing
 q/k/v into one ``qkv`` tensor (rows q, then k, then v). Our parameters are einsum-shaped
-(``q_kernel`` [H, nq, D], ``o_kernel`` [nq, D, H], ``router_kernel`` [H, E]); the transform column
-says how a checkpoint tensor becomes ours and back. Everything that reads or writes a checkpoint
+(``q_kernel`` [H, nq, D], ``o_kernel`` [nq, D, H], ``router_kernel`` [H, E]; their shapes are the
+model's own, :func:`gptoss_jax.checkpoint.shapes.param_shapes`); the transform column says how a
+checkpoint tensor becomes ours and back. Everything that reads or writes a checkpoint
 (loader, converter, exporter, synthetic writer) goes through :func:`plan` and :func:`layout_tensors`.
 """
 from __future__ import annotations
@@ -15,7 +16,12 @@ from typing import Callable, Sequence
 import ml_dtypes
 import numpy as np
 
+from gptoss_jax import mxfp4
+from gptoss_jax.checkpoint.errors import CheckpointError
+from gptoss_jax.checkpoint.shapes import param_shapes
 from gptoss_jax.config import GptOssConfig
+
+__all__ = ["CheckpointError", "LAYOUTS", "ORIGINAL", "TRANSFORMERS", "layout_tensors", "plan", "export_items"]
 
 TRANSFORMERS = "transformers"
 ORIGINAL = "original"
@@ -63,36 +69,6 @@ _HF_LAYER_PREFIX, _ORIG_LAYER_PREFIX = "model.layers.{i}.", "block.{i}."
 PACKED_PARTS = ("blocks", "scales")
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not match what the config and the name table require."""
-
-
-def our_shapes(cfg: GptOssConfig, experts: str = "mxfp4") -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter, keyed by our dotted path (same as ``GptOss``'s nnx state)."""
-    h, i, e, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.head_dim
-    nq, nkv = cfg.num_heads, cfg.num_kv_heads
-    layer = {
-        "attn_norm.scale": (h,), "mlp_norm.scale": (h,),
-        "attn.q_kernel": (h, nq, d), "attn.q_bias": (nq, d),
-        "attn.k_kernel": (h, nkv, d), "attn.k_bias": (nkv, d),
-        "attn.v_kernel": (h, nkv, d), "attn.v_bias": (nkv, d),
-        "attn.o_kernel": (nq, d, h), "attn.o_bias": (h,), "attn.sinks": (nq,),
-        "mlp.router_kernel": (h, e), "mlp.router_bias": (e,),
-        "mlp.gate_up_bias": (e, 2 * i), "mlp.down_bias": (e, h),
-    }
-    if experts == "mxfp4":
-        layer.update({
-            "mlp.gate_up_blocks": (e, 2 * i, h // 32, 16), "mlp.gate_up_scales": (e, 2 * i, h // 32),
-            "mlp.down_blocks": (e, h, i // 32, 16), "mlp.down_scales": (e, h, i // 32),
-        })
-    else:
-        layer.update({"mlp.gate_up_kernel": (e, h, 2 * i), "mlp.down_kernel": (e, i, h)})
-    out = {"embedding": (cfg.vocab_size, h), "norm.scale": (h,), "unembedding": (cfg.vocab_size, h)}
-    for n in range(cfg.num_layers):
-        out.update({f"layers.{n}.{k}": v for k, v in layer.items()})
-    return out
 
 
 # ------------------------------------------------------------------------------------------ transforms
@@ -183,8 +159,8 @@ def layout_tensors(cfg: GptOssConfig, layout: str, experts: str = "mxfp4") -> li
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if layout == ORIGINAL and experts != "mxfp4":
         raise ValueError("the original/ layout always stores experts as MXFP4")
-    shapes = our_shapes(cfg, "mxfp4")
-    dense_shapes = our_shapes(cfg, "dense")
+    shapes = param_shapes(cfg, "mxfp4")
+    dense_shapes = param_shapes(cfg, "dense")
     out: list[TensorSpec] = []
     seen: set[str] = set()
     for ours, hf, orig, kind in rows(cfg):
@@ -214,7 +190,7 @@ def layout_tensors(cfg: GptOssConfig, layout: str, experts: str = "mxfp4") -> li
 def plan(cfg: GptOssConfig, layout: str, source_experts: str = "mxfp4", experts: str = "mxfp4") -> list[Item]:
     """How to build every parameter of a model with ``experts`` format from a ``layout`` checkpoint
     whose experts are stored as ``source_experts``. Covers each parameter exactly once."""
-    shapes = our_shapes(cfg, experts)
+    shapes = param_shapes(cfg, experts)
     items: list[Item] = []
     for ours, hf, orig, kind in rows(cfg):
         is_expert_weight = any(ours.endswith(f"{p}_{q}") for p in ("gate_up", "down") for q in PACKED_PARTS)
@@ -261,8 +237,6 @@ def dequantize_experts(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
     Exact: every MXFP4 value (E2M1 times a power of two) is a bf16 value. One expert at a time, so
     temporaries stay at one expert's float32 weight."""
-    from gptoss_jax import mxfp4  # local: keeps this table importable without initialising JAX
-
     e, n, g, _ = blocks.shape
     out = np.empty((e, g * mxfp4.BLOCK, n), BF16)
     for j in range(e):
@@ -273,8 +247,6 @@ def dequantize_experts(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 def quantize_experts(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dense ``[E, in, out]`` -> packed (blocks u8 ``[E, out, in/32, 16]``, scales u8 ``[E, out, in/32]``),
     :func:`gptoss_jax.mxfp4.quantize` one expert at a time (bounded temporaries)."""
-    from gptoss_jax import mxfp4
-
     e, k, n = kernel.shape
     bshape, sshape = mxfp4.packed_shape((e, n, k))
     blocks, scales = np.empty(bshape, np.uint8), np.empty(sshape, np.uint8)

@@ -76,7 +76,7 @@ def prepare(ckpt: str) -> str:
     """Convert the official checkpoint ``ckpt`` once to ``ckpt + '-jax'`` (Orbax, packed experts) and return
     that folder, which the engine loads; an existing conversion is reused."""
     from convert import convert_checkpoint
-    from convert.orbax_format import MARKER
+    from gptoss_jax.checkpoint.orbax import MARKER
 
     dst = ckpt + "-jax"
     if os.path.isfile(os.path.join(dst, MARKER)):
