@@ -202,16 +202,17 @@ def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Progr
 
     from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
-    from gptoss_jax.decode.sampling import SlotSampling
     from gptoss_jax.checkpoint.shapes import abstract_model
+    from gptoss_jax.decode.sampling import SlotBias, SlotSampling
 
     graphdef, params = nnx.split(abstract_model(cfg, jnp.bfloat16, "mxfp4"))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     sampling = jax.eval_shape(lambda: SlotSampling.empty(batch))
-    rest = (state, i32(batch), i32(batch, tokens), i32(batch, tokens), i32(batch), sampling)
+    bias = jax.eval_shape(lambda: SlotBias.empty(batch))
+    rest = (state, i32(batch), i32(batch, tokens), i32(batch, tokens), i32(batch), sampling, bias, None)
     target = platform.of(device)
-    return Program(jitted(target)[0], (target, graphdef, *_placed((params, *rest), device)))
+    return Program(jitted(target)[0], (target, graphdef, False, *_placed((params, *rest), device)))
 
 
 def train_program(cfg, device, batch: int, tokens: int, rank: int = 8) -> Program:

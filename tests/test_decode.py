@@ -4,6 +4,7 @@ stops, seeds, cancellation, asyncio, and no recompilation."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import jax
@@ -252,7 +253,7 @@ def test_cancel_frees_the_slot_and_async_streams(engine):
 
 
 def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
-    real = engine.runner.decode
+    real = engine.runner.decode_sampled
     calls = []
 
     def flaky(active):
@@ -261,12 +262,12 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkey
             raise RuntimeError("device lost")
         return real(active)
 
-    monkeypatch.setattr(engine.runner, "decode", flaky)
+    monkeypatch.setattr(engine.runner, "decode_sampled", flaky)
     failed = engine.submit(prompt(100, 6), GREEDY)
     with pytest.raises(RuntimeError, match="device lost"):
         engine.generate([prompt(101, 6)], GREEDY)
     assert failed.finish_reason == "error" and "device lost" in repr(failed.error)
-    monkeypatch.setattr(engine.runner, "decode", real)
+    monkeypatch.setattr(engine.runner, "decode_sampled", real)
     assert engine.generate([prompt(102, 6)], GREEDY) == engine.generate([prompt(102, 6)], GREEDY)  # serving again
 
 
@@ -327,3 +328,25 @@ def test_packed_matvec_equals_the_unpacked_product():
     got = np.asarray(jax.jit(mxfp4.matvec)(jnp.asarray(x), jnp.asarray(blocks), jnp.asarray(scales)))
     np.testing.assert_allclose(got, dense @ x, rtol=1e-5, atol=1e-30)
     np.testing.assert_array_equal(np.asarray(mxfp4.e2m1_values(jnp.arange(16))), mxfp4.FP4_VALUES)
+
+
+def test_logprobs_and_prompt_logprobs_are_the_full_forward_log_softmax(engine, model):
+    """Greedy: each generated token's logprob (and its top alternatives) and each prompt token's logprob
+    (a 45-token prompt, two chunks) equal the log-softmax of the full forward's logits; a logit_bias
+    of -100 on the first greedy token changes it (no new program: the bias is a step input)."""
+    p = prompt(120, 45)
+    r = engine.submit(p, dataclasses.replace(GREEDY, max_tokens=5), logprobs=True, prompt_logprobs=True)
+    engine.generate([p[:3]], GREEDY)  # drives the loop until both are done
+    c = r.result()
+    full = full_logits(model, [p + c])[0].astype(np.float64)
+    lsm = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) - full.max(-1, keepdims=True)
+    assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(p)
+    for j in range(1, len(p)):
+        np.testing.assert_allclose(r.prompt_logprobs[j][0], lsm[j - 1, p[j]], atol=1e-4)
+    for i, (lp, ids, values) in enumerate(r.logprobs):
+        row = lsm[len(p) - 1 + i]
+        np.testing.assert_allclose(lp, row[c[i]], atol=1e-4)
+        assert ids[0] == c[i] and values == sorted(values, reverse=True) and len(ids) == 20
+        np.testing.assert_allclose(values, np.sort(row)[::-1][:20], atol=1e-4)
+    banned = engine.generate([p], dataclasses.replace(GREEDY, max_tokens=2, logit_bias=((c[0], -100.0),)))[0]
+    assert banned[0] != c[0]

@@ -106,3 +106,72 @@ def test_greedy_rows_take_the_argmax_and_seeds_reproduce(sampler):
 def test_sampling_params_reject_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**{field: value})
+
+
+def test_top_k_path_keeps_what_the_bisection_keeps():
+    """The lax.top_k path (top_k <= cap, nuclei among the cap largest) and its bisection fallback (top_k
+    over the cap, flat nuclei) keep exactly the tokens the bisection alone keeps, row by row."""
+    from gptoss_jax.decode.sampling import filter_logits_exact
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (96, 2000)).astype(np.float32)
+    logits[::7] = rng.normal(0, 0.05, (14, 2000))  # flat rows: nuclei far beyond the cap
+    logits[5, :10] = logits[5, 0]  # ties at the k-th value
+    top_k = rng.choice([0, 1, 3, 10, 63, 64, 65, 200], 96).astype(np.int32)
+    top_p = rng.choice([1.0, 0.95, 0.6, 0.2, 1e-6], 96).astype(np.float32)
+    fast = np.isfinite(np.asarray(jax.jit(filter_logits, static_argnums=3)(logits, top_k, top_p, 64)))
+    exact = np.isfinite(np.asarray(jax.jit(filter_logits_exact)(logits, top_k, top_p)))
+    np.testing.assert_array_equal(fast, exact)
+    # and the top-k path alone decides when every row allows it
+    small = np.minimum(top_k, 64) + (top_k == 0)
+    kept = np.isfinite(np.asarray(filter_logits(logits[1::7], jnp.asarray(small[1::7]), jnp.asarray(top_p[1::7]))))
+    for b, row in enumerate(range(1, 96, 7)):
+        expected = reference_distribution(logits[row], 1.0, int(small[row]), float(top_p[row])) > 0
+        np.testing.assert_array_equal(kept[b], expected)
+
+
+def test_logit_bias_and_penalties_in_the_jitted_sampler_compile_once():
+    """logit_bias and presence/frequency penalties are step inputs: bias -100 bans the argmax, +100
+    forces a token, penalties push seen tokens down, and new values never recompile the sampler."""
+    from gptoss_jax.decode.sampling import SlotBias
+
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(4, 300)), jnp.float32)
+    top = np.asarray(logits).argmax(-1)
+    traces = []
+
+    @jax.jit
+    def step(logits, params, counts, bias, seen):
+        traces.append(1)
+        return sample(logits, params, counts, bias.dense(seen))
+
+    def bias(params_list):
+        return jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[SlotBias.of(p) for p in params_list])
+
+    greedy = rows(4, 0.0, 0, 1.0)
+    none = jnp.zeros((4, 300), jnp.int32)
+    out = np.asarray(step(logits, greedy, jnp.zeros(4, jnp.int32), bias([SamplingParams()] * 4), none))
+    np.testing.assert_array_equal(out, top)
+    banned = [SamplingParams(logit_bias={int(t): -100}) for t in top]
+    out = np.asarray(step(logits, greedy, jnp.zeros(4, jnp.int32), bias(banned), none))
+    assert (out != top).all()
+    forced = [SamplingParams(logit_bias=((7, 100.0),))] * 4
+    hot = rows(4, 1.0, 0, 1.0)
+    out = np.asarray(step(logits, hot, jnp.arange(4, dtype=jnp.int32), bias(forced), none))
+    np.testing.assert_array_equal(out, [7] * 4)
+    seen = jnp.asarray(np.eye(300, dtype=np.int32)[top] * 3)
+    penal = [SamplingParams(presence_penalty=0.0, frequency_penalty=2.0)] * 2 + [SamplingParams(presence_penalty=2.0)] * 2
+    out = np.asarray(step(logits, greedy, jnp.zeros(4, jnp.int32), bias(penal), seen))
+    want = (np.asarray(logits) - np.eye(300)[top] * np.array([6.0, 6, 2, 2])[:, None]).argmax(-1)
+    np.testing.assert_array_equal(out, want)
+    assert len(traces) == 1 and step._cache_size() == 1  # one program for every bias and penalty
+
+
+def test_logprobs_are_the_log_softmax():
+    from gptoss_jax.decode.sampling import logprobs
+
+    logits = np.random.default_rng(5).normal(0, 4, (3, 500)).astype(np.float32)
+    lp = jax.jit(logprobs)(logits, jnp.array([0, 1, 2]))
+    want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(lp.chosen), want[[0, 1, 2], [0, 1, 2]], atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(lp.top_ids), np.argsort(-want, axis=-1)[:, :20])
+    np.testing.assert_allclose(np.asarray(lp.top_values), -np.sort(-want, axis=-1)[:, :20], atol=1e-4)

@@ -67,6 +67,30 @@ def test_streaming_equals_non_streaming(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_chat_logprobs(client, stream):
+    """logprobs / top_logprobs on chat: every content token has its log-probability (<= 0), top_logprobs
+    sorted with probabilities summing to <= 1; penalties and logit_bias are accepted (the sampler's step
+    inputs; that logprobs equal the model's log-softmax is tested on the engine, tests/test_decode.py)."""
+    import math
+
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5,
+                  presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"200005": -100})
+    r = client.chat.completions.create(**kwargs, stream=stream)
+    if stream:
+        chunks = list(r)
+        entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        entries, content = r.choices[0].logprobs.content, r.choices[0].message.content or ""
+    if not any("\ufffd" in e.token for e in entries):  # (a token may end inside a UTF-8 character)
+        assert "".join(e.token for e in entries) == content
+    for e in entries:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 5 and tops == sorted(tops, reverse=True) and sum(map(math.exp, tops)) <= 1 + 1e-5
+        assert e.logprob <= 0 and e.bytes
+
+
 def test_n_choices(client):
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=3, seed=7)
     assert [c.index for c in r.choices] == [0, 1, 2]
@@ -109,12 +133,15 @@ def test_errors(client, server):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert e.value.code == "model_not_found"
-    for field, value in (("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}), ("frequency_penalty", 0.5),
-                         ("response_format", {"type": "json_object"})):  # would change the answer: refused, not ignored
+    for field, value in (("response_format", {"type": "json_object"}),):  # would change the answer: refused, not ignored
         err = assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, field: value}).encode()),
                                   400, code="unsupported_parameter", param=field)
         assert field in err["message"]
     neutral = {"logprobs": False, "presence_penalty": 0, "response_format": {"type": "text"}, "user": "u1"}
+    assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, "top_logprobs": 21}).encode()),
+                        400, param="top_logprobs")
+    assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, "logit_bias": {"x": 1}}).encode()),
+                        400, param="logit_bias")
     assert raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 1, **neutral}).encode()).status_code == 200
     assert_openai_error(raw_post(server, ok, key=None), 401, code="invalid_api_key")
     assert_openai_error(raw_post(server, ok, key="sk-wrong"), 401, code="invalid_api_key")

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from gptoss_jax.decode.runner import Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
-from gptoss_jax.decode.sampling import SamplingParams, SlotSampling
+from gptoss_jax.decode.sampling import SamplingParams, SlotBias, SlotSampling
 from gptoss_jax.model import GptOss
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,15 @@ class Request:
     ``finish_reason`` is None while running, then "stop" | "length" | "cancelled" | "error" (with
     ``error`` set). ``prompt_tokens`` and ``completion_tokens`` count ids (usage). ``cancel()`` frees
     the slot. Thread-safe; any number of consumers may iterate.
+
+    Submitted with ``logprobs``, ``logprobs[i]`` is token i's (logprob, top ids, top logprobs) (floats
+    and lists of TOP_LOGPROBS, largest first), set before the token is handed out; with
+    ``prompt_logprobs``, ``prompt_logprobs[i]`` is the same for prompt token i (None for the first), set
+    before the first generated token.
     """
 
-    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, limit: int):
+    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, limit: int,
+                 logprobs: bool = False, prompt_logprobs: bool = False):
         self.id = next(_ids)
         self.prompt = list(prompt)
         self.params = params
@@ -58,6 +64,8 @@ class Request:
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.cancel_requested = False
+        self.logprobs: list | None = [] if logprobs else None
+        self.prompt_logprobs: list | None = [None] if prompt_logprobs else None
 
     def __repr__(self):
         return (f"Request(id={self.id}, prompt_tokens={self.prompt_tokens}, completion_tokens={self.completion_tokens}, "
@@ -197,9 +205,11 @@ class Engine:
         self._running = False
 
     # ------------------------------------------------------------------ public API
-    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams | None = None, *, logprobs: bool = False,
+               prompt_logprobs: bool = False) -> Request:
         """Queue a request (thread-safe) and return it at once. ValueError for an empty prompt, ids
-        outside the vocabulary, or a prompt that leaves no room in the context."""
+        outside the vocabulary, or a prompt that leaves no room in the context. ``logprobs`` /
+        ``prompt_logprobs``: keep the generated / prompt tokens' log-probabilities (:class:`Request`)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -212,7 +222,11 @@ class Engine:
         bad = next((i for i, t in enumerate(prompt) if not 0 <= t < self.config.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad} is {prompt[bad]}, outside the vocabulary [0, {self.config.vocab_size})")
-        request = Request(self, prompt, params, min(params.max_tokens, self.context - len(prompt)))
+        bad = next((t for t, _ in params.logit_bias if t >= self.config.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        request = Request(self, prompt, params, min(params.max_tokens, self.context - len(prompt)), logprobs,
+                          prompt_logprobs)
         with self._cond:
             self._waiting.append(request)
             self._cond.notify_all()
@@ -266,6 +280,13 @@ class Engine:
             for rows, bucket in shapes:  # the slots are free: the next prefill on each resets it
                 self.runner.prefill([Chunk(i, [0], 0, off) for i in range(rows)], bucket)
             jax.block_until_ready(self.runner.decode(np.zeros(self.max_batch, bool)))
+
+    def status(self) -> dict:
+        """Slots in use, requests waiting and the counters (``stats``), for /health; thread-safe."""
+        with self._cond:
+            active = sum(s is not None for s in self._slots)
+            waiting = len(self._waiting)
+        return {"max_batch": self.max_batch, "active": active, "waiting": waiting, **dict(self.stats)}
 
     def __enter__(self) -> "Engine":
         self.start()
@@ -331,13 +352,20 @@ class Engine:
             bucket = self._slots[prefilling[0]].chunks[0][2]
             rows = prefill_rows(bucket, self.prefill_chunk, self.max_batch)
             picked = [i for i in prefilling if self._slots[i].chunks[0][2] <= bucket][:rows]
-            chunks = []
-            for i in picked:
+            chunks, spans = [], {}
+            for row, i in enumerate(picked):
                 s = self._slots[i]
                 start, n, _ = s.chunks.pop(0)
                 r = s.request
-                chunks.append(Chunk(i, r.prompt[start:start + n], start, SlotSampling.of(r.params, r._key)))
-            tokens = self.runner.prefill(chunks, bucket)
+                chunks.append(Chunk(i, r.prompt[start:start + n], start, SlotSampling.of(r.params, r._key),
+                                    SlotBias.of(r.params)))
+                if r.prompt_logprobs is not None:
+                    spans[row] = (r, start, n)
+            targets = None
+            if spans:  # the ids each position predicts: the next prompt token
+                targets = [self._slots[i].request.prompt[c.start + 1:c.start + len(c.tokens) + 1]
+                           for i, c in zip(picked, chunks)]
+            sampled, prompt = self.runner.prefill_sampled(chunks, bucket, targets)
             self.stats["prefill_calls"] += 1
             self.stats["prefill_chunks"] += len(chunks)
             owners = {}
@@ -345,11 +373,13 @@ class Engine:
                 if not self._slots[i].chunks:  # the prompt is in: its first token comes out of this call
                     self._slots[i].dispatched = 1
                     owners[row] = self._slots[i].request
+            if spans:
+                out.append((prompt, spans))
             if owners:
-                out.append((tokens, owners))
+                out.append((sampled, owners))
         active = np.array([s is not None and s.generating and s.dispatched > 0 for s in self._slots])
         if active.any():
-            tokens = self.runner.decode(active)
+            tokens, *_ = self.runner.decode_sampled(active)
             self.stats["decode_steps"] += 1
             owners = {}
             for i in np.flatnonzero(active):
@@ -361,12 +391,22 @@ class Engine:
     def _flush(self) -> None:
         """Hand out the tokens of earlier dispatches; finish requests on a stop token or their limit."""
         pending, self._pending = self._pending, []
-        for tokens, owners in pending:
-            values = np.asarray(tokens)
+        for out, owners in pending:
+            if not hasattr(out, "tokens"):  # prompt logprobs of the chunks on these rows
+                lp = jax.tree.map(np.asarray, out)
+                for row, (r, start, n) in owners.items():
+                    r.prompt_logprobs.extend(_logprob_rows(lp, row, n if start + n < r.prompt_tokens else n - 1))
+                continue
+            values = np.asarray(out.tokens)
+            lp = None
+            if any(r.logprobs is not None for r in owners.values()):
+                lp = jax.tree.map(np.asarray, out.logprobs)
             for i, r in owners.items():  # i: the row of ``tokens`` (the slot, for a decode step)
                 if r.done:  # finished or cancelled since: a discarded step
                     continue
                 token = int(values[i])
+                if r.logprobs is not None:
+                    r.logprobs.append(_logprob_row(lp, i))
                 r._emit(token)
                 self.stats["tokens"] += 1
                 if token in r.params.stop_token_ids:
@@ -382,3 +422,13 @@ class Engine:
                 self._waiting.remove(request)
                 request._finish("cancelled")
             self._cond.notify_all()
+
+
+def _logprob_row(lp, i: int, j: int | None = None) -> tuple[float, list[int], list[float]]:
+    """(logprob, top ids, top logprobs) of row ``i`` (position ``j``) of host Logprobs arrays."""
+    at = (i,) if j is None else (i, j)
+    return float(lp.chosen[at]), lp.top_ids[at].tolist(), lp.top_values[at].tolist()
+
+
+def _logprob_rows(lp, row: int, n: int) -> list:
+    return [_logprob_row(lp, row, j) for j in range(n)]

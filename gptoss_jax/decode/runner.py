@@ -15,6 +15,13 @@ in place.
   sampling parameters).
 - ``decode(active)`` advances every active slot by one token ([B, 1] through the model); idle slots
   carry position -1, which writes nothing and attends to nothing.
+
+Every call also returns the sampled tokens' log-probabilities and the TOP_LOGPROBS alternatives
+(:class:`~gptoss_jax.decode.sampling.Logprobs`, computed for every row: no request compiles anything).
+Each slot counts the tokens it generated (``seen`` [B, V]) for the presence/frequency penalties, which
+with its ``logit_bias`` make the additive bias of its row. A prefill with ``prompt_targets`` (a second
+program per shape, compiled on first use) also returns the log-probabilities of each prompt token
+(``echo``).
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import platform
-from gptoss_jax.decode.sampling import SlotSampling, sample
+from gptoss_jax.decode.sampling import Logprobs, SamplingParams, SlotBias, SlotSampling, logprobs, sample
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.model import GptOss
 
@@ -40,12 +47,22 @@ MIN_BUCKET = 16
 
 class Slots(NamedTuple):
     """Per-slot state [B]: the next input token, its position, tokens sampled so far (the request's
-    RNG stream index) and the sampling parameters."""
+    RNG stream index), the sampling parameters, the bias parameters and how often each token was
+    generated (int32 [B, V])."""
 
     tokens: jax.Array
     positions: jax.Array
     counts: jax.Array
     sampling: SlotSampling
+    bias: SlotBias
+    seen: jax.Array
+
+
+class Sampled(NamedTuple):
+    """What a call returns per row: tokens int32 [R] and their :class:`Logprobs`."""
+
+    tokens: jax.Array
+    logprobs: Logprobs
 
 
 class DecodeState(NamedTuple):
@@ -90,7 +107,8 @@ def empty_state(cfg, max_batch: int, context: int, dtype, layout=None) -> Decode
     """Idle slots and empty caches (``jax.eval_shape`` it for abstract lowering); with a model's
     ``layout`` (on a mesh) the caches are created in their shards."""
     b = max_batch
-    slots = Slots(jnp.zeros(b, jnp.int32), jnp.full(b, -1, jnp.int32), jnp.zeros(b, jnp.int32), SlotSampling.empty(b))
+    slots = Slots(jnp.zeros(b, jnp.int32), jnp.full(b, -1, jnp.int32), jnp.zeros(b, jnp.int32), SlotSampling.empty(b),
+                  SlotBias.empty(b), jnp.zeros((b, cfg.vocab_size), jnp.int32))
     cache = init_cache(cfg, b, context, dtype) if layout is None else layout.init_cache(cfg, b, context, dtype)
     return DecodeState(cache, slots)
 
@@ -114,12 +132,17 @@ def compiler_options(target: str) -> dict[str, str] | None:
 
 
 class Chunk(NamedTuple):
-    """Prompt ``tokens`` of the request on ``slot`` at positions ``start``..; ``start == 0`` clears the slot."""
+    """Prompt ``tokens`` of the request on ``slot`` at positions ``start``..; ``start == 0`` clears the slot.
+    ``bias``: the request's logit bias and penalties (None: none)."""
 
     slot: int
     tokens: Sequence[int]
     start: int
     sampling: SlotSampling
+    bias: SlotBias | None = None
+
+
+_NEUTRAL = SamplingParams()
 
 
 class Runner:
@@ -146,6 +169,12 @@ class Runner:
     def prefill(self, chunks: Sequence[Chunk], bucket: int) -> jax.Array:
         """Run ``chunks`` (distinct slots, each at most ``bucket`` ids) in one call; returns the token
         sampled after each chunk (device int32 [rows], the first ``len(chunks)`` are theirs)."""
+        return self.prefill_sampled(chunks, bucket)[0].tokens
+
+    def prefill_sampled(self, chunks: Sequence[Chunk], bucket: int,
+                        prompt_targets: Sequence[Sequence[int]] | None = None) -> tuple[Sampled, Logprobs | None]:
+        """:meth:`prefill` with the tokens' :class:`Logprobs`; with ``prompt_targets`` (per chunk, the ids
+        that follow each of its positions) also the Logprobs of those targets, [rows, bucket]."""
         rows = 1 if len(chunks) == 1 else prefill_rows(bucket, self.prefill_chunk, self.max_batch)
         if not 1 <= len(chunks) <= rows or len({c.slot for c in chunks}) < len(chunks):
             raise ValueError(f"prefill takes 1 to {rows} chunks of distinct slots in bucket {bucket}, "
@@ -160,15 +189,29 @@ class Runner:
             pos[r, :n] = np.arange(c.start, c.start + n, dtype=np.int32)
         samplings = [c.sampling for c in chunks] + [chunks[0].sampling] * (rows - len(chunks))
         sampling = jax.tree.map(lambda *xs: np.stack(xs), *samplings)
+        neutral = SlotBias.of(_NEUTRAL)
+        biases = [neutral if c.bias is None else c.bias for c in chunks] + [neutral] * (rows - len(chunks))
+        bias = jax.tree.map(lambda *xs: np.stack(xs), *biases)
+        targets = None
+        if prompt_targets is not None:
+            targets = np.zeros((rows, bucket), np.int32)
+            for r, t in enumerate(prompt_targets):
+                targets[r, :len(t)] = t
         prefill, _ = jitted(self.platform)
-        self.state, tokens = prefill(self.platform, self.graphdef, self.params, self.state, slots, ids, pos, last, sampling)
-        return tokens
+        self.state, sampled, prompt = prefill(self.platform, self.graphdef, targets is not None, self.params, self.state,
+                                              slots, ids, pos, last, sampling, bias, targets)
+        return sampled, prompt
 
     def decode(self, active: np.ndarray):
         """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits)."""
+        sampled, *logits = self.decode_sampled(active)
+        return sampled.tokens if not logits else (sampled.tokens, *logits)
+
+    def decode_sampled(self, active: np.ndarray):
+        """:meth:`decode` returning (:class:`Sampled`, and the logits with ``return_logits``)."""
         _, decode = jitted(self.platform)
         self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state, np.asarray(active, bool))
-        return out[0] if len(out) == 1 else tuple(out)
+        return tuple(out)
 
 
 @functools.cache
@@ -179,18 +222,22 @@ def jitted(target: str):
     gets its own trace (:func:`gptoss_jax.platform.current` is set while tracing). Each donates the
     state."""
     opts = compiler_options(target)
-    return (jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=3, compiler_options=opts),
+    return (jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=4, compiler_options=opts),
             jax.jit(_decode, static_argnums=(0, 1, 2), donate_argnums=4, compiler_options=opts))
 
 
-def _prefill(target: str, graphdef, params, state: DecodeState, slots, tokens, positions, last,
-             sampling: SlotSampling):
-    """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row."""
+def _prefill(target: str, graphdef, with_prompt: bool, params, state: DecodeState, slots, tokens, positions, last,
+             sampling: SlotSampling, bias: SlotBias, targets):
+    """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row;
+    targets [R, T] (with_prompt) the ids whose log-probabilities each position's logits give."""
     with platform.lowering_for(target):
-        return _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling)
+        state, sampled, h = _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling, bias)
+        prompt = logprobs(nnx.merge(graphdef, params).unembed(h), targets) if with_prompt else None
+        return state, sampled, prompt
 
 
-def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling):
+def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling,
+                    bias: SlotBias):
     model = nnx.merge(graphdef, params)
     fresh = positions[:, 0] == 0
 
@@ -200,14 +247,16 @@ def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positio
 
     h, cache_rows = model.hidden_states(tokens, positions, [rows(c) for c in state.cache])
     logits = model.unembed(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [R, V]
-    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32))
+    none_seen = jnp.zeros(logits.shape, jnp.int32)
+    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32), bias.dense(none_seen))
     put = lambda a, x: a.at[slots].set(x, mode="drop")  # noqa: E731 - padding rows are dropped
     cache = [LayerCache(*map(put, c, rc)) for c, rc in zip(state.cache, cache_rows)]
     s = state.slots
     next_pos = jnp.take_along_axis(positions, last[:, None], axis=1)[:, 0] + 1
+    seen = none_seen.at[jnp.arange(new.shape[0]), new].set(1)
     armed = Slots(put(s.tokens, new), put(s.positions, next_pos), put(s.counts, jnp.ones_like(slots)),
-                  jax.tree.map(put, s.sampling, sampling))
-    return DecodeState(cache, armed), new
+                  jax.tree.map(put, s.sampling, sampling), jax.tree.map(put, s.bias, bias), put(s.seen, seen))
+    return DecodeState(cache, armed), Sampled(new, logprobs(logits, new)), h
 
 
 def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active):
@@ -221,8 +270,9 @@ def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, ac
     positions = jnp.where(active, s.positions, -1)
     h, cache = model.hidden_states(s.tokens[:, None], positions[:, None], state.cache)
     logits = model.unembed(h[:, 0])  # [B, V]
-    tokens = sample(logits, s.sampling, s.counts)
+    tokens = sample(logits, s.sampling, s.counts, s.bias.dense(s.seen))
     slots = s._replace(tokens=jnp.where(active, tokens, s.tokens), positions=jnp.where(active, s.positions + 1, s.positions),
-                       counts=s.counts + active.astype(jnp.int32))
-    out = (DecodeState(cache, slots), tokens)
+                       counts=s.counts + active.astype(jnp.int32),
+                       seen=s.seen.at[jnp.arange(tokens.shape[0]), tokens].add(active.astype(jnp.int32)))
+    out = (DecodeState(cache, slots), Sampled(tokens, logprobs(logits, tokens)))
     return out + (logits,) if return_logits else out

@@ -1,10 +1,17 @@
-"""Sampling parameters and the on-device sampler: greedy, temperature, top-k, top-p, per-request seeds.
+"""Sampling parameters and the on-device sampler: greedy, temperature, top-k, top-p, per-request seeds,
+logit bias and presence/frequency penalties, and the logprobs reported to clients.
 
-Order (as transformers' warpers): logits / temperature -> top-k -> top-p -> draw. ``temperature == 0``
-is greedy (argmax of the raw logits). Top-k keeps logits >= the k-th largest; top-p keeps the smallest
-set of most likely tokens whose probability reaches ``top_p`` (after top-k); ties at either boundary
-are kept. Both thresholds are found exactly, without sorting the vocabulary: a 32-step bisection over
-the bit patterns of the values (each step one pass over [B, V]).
+Order (as transformers' warpers): logits + bias -> / temperature -> top-k -> top-p -> draw.
+``temperature == 0`` is greedy (argmax of the biased logits). Top-k keeps logits >= the k-th largest;
+top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (after top-k);
+ties at either boundary are kept. Neither sorts the vocabulary: ``lax.top_k`` with a static cap
+(:data:`TOP_K_CAP`) gives the k-th value and the nucleus whenever they lie among the CAP largest (top_k
+<= CAP, or a nucleus of at most CAP tokens); rows where they do not fall back to an exact 32-step
+bisection over the bit patterns of the values (each step one pass over [B, V]). Both give the same
+kept set, so the same token for the same key.
+
+The bias (``logit_bias`` and the penalties, :class:`SlotBias`) is a per-slot step input, like every
+other parameter here: no request compiles anything.
 
 Token ``n`` of a request is drawn with ``fold_in(key(seed), n)``, so a seeded request gives the same
 tokens whichever slot it runs in and whatever runs beside it.
@@ -21,6 +28,13 @@ import numpy as np
 
 #: <|return|> and <|call|>: the harmony tokens that end an assistant turn.
 STOP_TOKENS = (200002, 200012)
+#: the sampler's static top-k width: top_k <= this (and nuclei of at most this many tokens) never
+#: take the bisection path
+TOP_K_CAP = 64
+#: alternatives reported per token (OpenAI's top_logprobs maximum); computed for every row every step
+TOP_LOGPROBS = 20
+#: logit_bias entries per request (OpenAI's limit)
+MAX_LOGIT_BIAS = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +49,11 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = STOP_TOKENS
+    #: added to the generated tokens' logits: ``presence`` once a token appeared, ``frequency`` per time
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: (token id, bias) pairs added to the logits, at most MAX_LOGIT_BIAS
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         def bad(field, msg):
@@ -57,6 +76,19 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 for t in stop):
             bad("stop_token_ids", "must hold non-negative integer token ids")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stop))
+        for field in ("presence_penalty", "frequency_penalty"):
+            if not _is_number(getattr(self, field)) or not -2 <= getattr(self, field) <= 2:
+                bad(field, "must be a number in [-2, 2]")
+        try:
+            pairs = tuple((t, b) for t, b in (self.logit_bias.items() if isinstance(self.logit_bias, dict)
+                                               else self.logit_bias))
+        except (TypeError, ValueError):
+            bad("logit_bias", "must be (token id, bias) pairs")
+        if len(pairs) > MAX_LOGIT_BIAS:
+            bad("logit_bias", f"has more than {MAX_LOGIT_BIAS} entries")
+        if not all(_is_int(t) and t >= 0 and _is_number(b) and -100 <= b <= 100 for t, b in pairs):
+            bad("logit_bias", "must map token ids >= 0 to biases in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in pairs))
 
     def key_data(self) -> np.ndarray:
         """The request's threefry key as uint32 [2] (a random one when ``seed`` is None)."""
@@ -93,8 +125,58 @@ class SlotSampling(NamedTuple):
                             jnp.zeros((batch, 2), jnp.uint32))
 
 
-def sample(logits: jax.Array, params: SlotSampling, counts: jax.Array) -> jax.Array:
-    """float32 logits [B, V] -> int32 tokens [B]; row b draws with ``fold_in(key[b], counts[b])``."""
+class SlotBias(NamedTuple):
+    """Per-slot logit bias and penalties on device: presence, frequency float32 [B]; logit_bias as
+    token ids int32 [B, MAX_LOGIT_BIAS] and values float32 [B, MAX_LOGIT_BIAS] (padding: id 0, 0.0)."""
+
+    presence: jax.Array
+    frequency: jax.Array
+    ids: jax.Array
+    values: jax.Array
+
+    @staticmethod
+    def of(params: SamplingParams) -> "SlotBias":
+        ids = np.zeros(MAX_LOGIT_BIAS, np.int32)
+        values = np.zeros(MAX_LOGIT_BIAS, np.float32)
+        for i, (t, b) in enumerate(params.logit_bias):
+            ids[i], values[i] = t, b
+        return SlotBias(np.float32(params.presence_penalty), np.float32(params.frequency_penalty), ids, values)
+
+    @staticmethod
+    def empty(batch: int) -> "SlotBias":
+        return SlotBias(jnp.zeros(batch, jnp.float32), jnp.zeros(batch, jnp.float32),
+                        jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.int32), jnp.zeros((batch, MAX_LOGIT_BIAS), jnp.float32))
+
+    def dense(self, seen: jax.Array) -> jax.Array:
+        """The additive bias float32 [B, V] given ``seen`` int32 [B, V], the times each token was generated
+        (OpenAI's formula: ``logit_bias - presence * (seen > 0) - frequency * seen``)."""
+        rows = jnp.arange(seen.shape[0])[:, None]
+        bias = jnp.zeros(seen.shape, jnp.float32).at[rows, jnp.clip(self.ids, 0, seen.shape[1] - 1)].add(self.values)
+        return bias - self.presence[:, None] * (seen > 0) - self.frequency[:, None] * seen.astype(jnp.float32)
+
+
+class Logprobs(NamedTuple):
+    """Log-probabilities under the model (log-softmax of the raw logits, before bias and filters):
+    of the chosen tokens float32 [...], and the TOP_LOGPROBS most likely ids int32 / values float32 [..., K]."""
+
+    chosen: jax.Array
+    top_ids: jax.Array
+    top_values: jax.Array
+
+
+def logprobs(logits: jax.Array, tokens: jax.Array, k: int = TOP_LOGPROBS) -> Logprobs:
+    """float32 logits [..., V] and int32 tokens [...] -> :class:`Logprobs` (top ones sorted, largest first)."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_values, top_ids = jax.lax.top_k(lp, k)
+    chosen = jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return Logprobs(chosen, top_ids.astype(jnp.int32), top_values)
+
+
+def sample(logits: jax.Array, params: SlotSampling, counts: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """float32 logits [B, V] -> int32 tokens [B]; row b draws with ``fold_in(key[b], counts[b])``.
+    ``bias``: float32 [B, V] added to the logits first (logit_bias, penalties; :meth:`SlotBias.dense`)."""
+    if bias is not None:
+        logits = logits + bias
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
@@ -109,9 +191,32 @@ def sample(logits: jax.Array, params: SlotSampling, counts: jax.Array) -> jax.Ar
     return jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda _: greedy, None)
 
 
-def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: int = TOP_K_CAP) -> jax.Array:
     """Set to -inf every logit outside the top-k (``top_k`` [B], 0 = off), then outside the top-p
-    nucleus of what is left (``top_p`` [B], 1 = off). logits float32 [B, V]."""
+    nucleus of what is left (``top_p`` [B], 1 = off). logits float32 [B, V].
+
+    From ``lax.top_k(logits, cap)`` where that decides (top_k <= cap, or top_k 0 and a nucleus among
+    the cap largest); the bisection (:func:`filter_logits_exact`) runs only when some row needs it."""
+    v = logits.shape[-1]
+    cap = min(cap, v)
+    vals, idx = jax.lax.top_k(logits, cap)  # [B, cap], largest first
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    small_k = k <= cap
+    kth = jnp.take_along_axis(vals, jnp.clip(k - 1, 0, cap - 1)[:, None], axis=1)
+    masked = jnp.where(small_k[:, None] & (logits < kth), -jnp.inf, logits)
+    probs = jax.nn.softmax(masked, axis=-1)
+    top_probs = jnp.take_along_axis(probs, idx, axis=1)  # sorted too (softmax is monotone)
+    reached = jnp.cumsum(top_probs, axis=1) >= top_p[:, None]
+    cut = jnp.take_along_axis(top_probs, jnp.argmax(reached, axis=1)[:, None], axis=1)
+    nucleus = top_p < 1
+    fast = jnp.where(small_k | (top_k == 0), ~nucleus | jnp.any(reached, axis=1), False)
+    out = jnp.where(nucleus[:, None] & (probs < cut), -jnp.inf, masked)
+    return jax.lax.cond(jnp.all(fast), lambda: out,
+                        lambda: jnp.where(fast[:, None], out, filter_logits_exact(logits, top_k, top_p)))
+
+
+def filter_logits_exact(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """:func:`filter_logits` by bisection only: 64 passes over [B, V], whatever top_k and top_p."""
     v = logits.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     keys = _sortable(logits)

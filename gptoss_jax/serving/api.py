@@ -1,10 +1,11 @@
-"""The OpenAI chat-completions request schema and errors, shared by the server and its render workers.
+"""The OpenAI request schemas (chat completions, completions, responses) and errors, shared by the server
+and its render workers.
 
 Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -47,41 +48,64 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields we act on; other OpenAI fields are accepted and ignored, except those in
-    :data:`NEUTRAL_VALUES`, which would change the answer: set to anything but a neutral value they are
-    refused rather than ignored."""
-    model_config = ConfigDict(extra="allow")
+#: logprobs alternatives per token at most (OpenAI's top_logprobs bound; the sampler computes this many)
+MAX_TOP_LOGPROBS = 20
+#: logit_bias entries at most (OpenAI's limit; SamplingParams.logit_bias)
+MAX_LOGIT_BIAS = 300
 
-    model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=MAX_INT32)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
-    n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-    reasoning_effort: Literal["low", "medium", "high"] | None = None
+
+class Refusing(BaseModel):
+    """The fields we act on; other OpenAI fields are accepted and ignored, except those in ``NEUTRAL``
+    (name -> test of the neutral values), which would change the answer: set to anything but a neutral
+    value they are refused rather than ignored."""
+    model_config = ConfigDict(extra="allow")
+    NEUTRAL: ClassVar[dict] = {}
 
     def unsupported(self) -> tuple[str, Any] | None:
         """(field, value) of the first field set to a value this server cannot honour, or None."""
         extra = self.model_extra or {}
-        return next(((name, extra[name]) for name, honoured in NEUTRAL_VALUES.items()
+        return next(((name, extra[name]) for name, honoured in self.NEUTRAL.items()
                      if name in extra and not honoured(extra[name])), None)
 
 
-#: OpenAI fields that would change the answer, each with a test of the (neutral) values this server honours.
-NEUTRAL_VALUES = {
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
-    "logit_bias": lambda v: not v,
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-}
+class Sampling(Refusing):
+    """Sampling fields shared by chat completions and completions."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_INT32)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias in [-100, 100]) pairs; ApiError for a bad key or value."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: expected token ids (decimal strings) mapped to numbers in "
+                                    f"[-100, 100], got {key!r}: {value!r}", param="logit_bias")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
+
+
+class ChatCompletionRequest(Sampling):
+    """A chat completion (see :class:`Refusing` for fields outside the schema)."""
+    NEUTRAL: ClassVar[dict] = {
+        "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    }
+
+    model: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -74,8 +74,12 @@ class Choice:
     """One generated answer: the engine request, its harmony parser (reasoning, tool calls) and the
     content sent so far (cut at a stop string)."""
 
-    def __init__(self, index: int, request, fmt: ChatFormat, stops: list[str]):
+    def __init__(self, index: int, request, fmt: ChatFormat, stops: list[str], top_logprobs: int = 0):
         self.index, self.request = index, request
+        self.tokenizer, self.top_logprobs = fmt.tokenizer, top_logprobs
+        self.logprobs: list[dict] = []  # OpenAI logprobs.content entries of the content tokens
+        self.sent_logprobs = 0  # entries already streamed
+        self._held: list[dict] = []  # entries of tokens the parser holds (a header, or text it may give back)
         self.parser = fmt.parser()
         self.stops = StopStrings(stops)
         self.tokens = 0
@@ -92,14 +96,16 @@ class Choice:
         """Async iterator of Deltas (stop strings applied to the content); sets ``finish_reason``."""
         async for token in self.request.aiter():
             self.tokens += 1
-            for d in self.parser.feed(token):
-                if d := self._cut(d):
-                    yield d
+            deltas = [d for d in map(self._cut, self.parser.feed(token)) if d]
+            self._attribute(token, deltas)
+            for d in deltas:
+                yield d
             if self.stops.hit:
                 self.request.cancel()
                 break
         for d in self.parser.finish():
             if d := self._cut(d):
+                self._attribute(None, [d])
                 yield d
         if rest := self.stops.flush():
             self.content += rest
@@ -110,6 +116,40 @@ class Choice:
         if reason == "error":
             raise ApiError(500, "generation failed (see the server log)", type_="server_error")
         self.finish_reason = "tool_calls" if reason == "stop" and self.parser.output.tool_calls else reason
+
+    def _attribute(self, token: int | None, deltas: list[Delta]) -> None:
+        """Keep the logprobs entry of ``token`` if it is content: text inside a final message, or text the
+        parser held (headers that turned out not to be) and then gave out as content (None: finish)."""
+        if getattr(self.request, "logprobs", None) is None:
+            return
+        if token is not None:
+            self._held.append(self._entry(token, *self.request.logprobs[self.tokens - 1]))
+        content = any(d.kind == "content" for d in deltas)
+        if content and (token is None or self.parser._kind is None):
+            self.logprobs += self._held
+            self._held = []
+        elif content:
+            self.logprobs.append(self._held.pop())
+            self._held = []
+        elif self.parser._kind is not None or deltas:
+            self._held = []
+
+    def _token(self, token: int) -> dict:
+        raw = self.tokenizer.decode_single_token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
+
+    def _entry(self, token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> dict:
+        """An OpenAI logprobs.content entry: the token, its log-probability and the top alternatives."""
+        top = [{**self._token(t), "logprob": v} for t, v in zip(top_ids[:self.top_logprobs], top_values)]
+        return {**self._token(token), "logprob": logprob, "top_logprobs": top}
+
+    def logprobs_json(self, new_only: bool = False) -> dict | None:
+        """``{"content": [...]}`` (the entries not yet streamed with ``new_only``), or None without logprobs."""
+        if getattr(self.request, "logprobs", None) is None:
+            return None
+        start = self.sent_logprobs if new_only else 0
+        self.sent_logprobs = len(self.logprobs)
+        return {"content": self.logprobs[start:]}
 
     def _cut(self, d: Delta) -> Delta | None:
         if d.kind != "content":
@@ -256,7 +296,9 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
         return model_card()
 
     def sampling(body: ChatCompletionRequest, index: int):
-        fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "seed") if getattr(body, k) is not None}
+        fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "seed", "presence_penalty",
+                                                "frequency_penalty") if getattr(body, k) is not None}
+        fields["logit_bias"] = body.bias_pairs()
         if body.seed is not None:
             fields["seed"] = (body.seed + index) % (MAX_SEED + 1)  # n > 1: distinct but reproducible
         fields["max_tokens"] = body.max_completion_tokens or body.max_tokens or default_params.max_tokens
@@ -269,10 +311,11 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
                                 f"take {len(prompt)} tokens", param="messages", code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = [sampling(body, i) for i in range(body.n)]
+        extra = {"logprobs": True} if body.logprobs else {}  # log-probabilities kept per generated token
         choices = []
         try:
             for i, p in enumerate(params):
-                choices.append(Choice(i, engine.submit(prompt, p), fmt, stops))
+                choices.append(Choice(i, engine.submit(prompt, p, **extra), fmt, stops, body.top_logprobs or 0))
                 live[choices[-1].request] = choices[-1]
                 counters["requests"] += 1
                 if shutdown["ended"]:  # rendered after the shutdown timeout: answered at once
@@ -326,7 +369,7 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
         finally:
             release(choices)
         return {**head, "object": "chat.completion",
-                "choices": [{"index": c.index, "message": c.message(), "logprobs": None,
+                "choices": [{"index": c.index, "message": c.message(), "logprobs": c.logprobs_json(),
                              "finish_reason": c.finish_reason} for c in choices],
                 "usage": usage(prompt, choices)}
 
@@ -348,8 +391,9 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
 
     async def stream(head: dict, prompt: list[int], choices: list[Choice], include_usage: bool):
         def chunk(index: int, delta: dict, finish_reason=None) -> str:
+            lp = choices[index].logprobs_json(new_only=True) if "content" in delta and delta["content"] else None
             return _sse({**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+                         "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]})
 
         def one(c: Choice):
             async def it():
@@ -431,10 +475,8 @@ class BodyLimit:
 
 
 def engine_status(engine) -> dict:
-    """Slots in use, requests waiting and the engine's counters (for /health)."""
-    slots = getattr(engine, "_slots", [])
-    return {"max_batch": getattr(engine, "max_batch", None), "active": sum(s is not None for s in slots),
-            "waiting": len(getattr(engine, "_waiting", ())), **dict(getattr(engine, "stats", {}))}
+    """The engine's :meth:`~gptoss_jax.decode.engine.Engine.status` (for /health; {} for a stand-in without one)."""
+    return engine.status() if hasattr(engine, "status") else {}
 
 
 class CancellingStream(StreamingResponse):
