@@ -24,6 +24,7 @@ from typing import AsyncIterator, Iterator
 import jax
 import numpy as np
 
+from gptoss_jax.decode.prefix_cache import PrefixCache, block_hashes
 from gptoss_jax.decode.runner import Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
 from gptoss_jax.decode.sampling import SamplingParams, SlotSampling
 from gptoss_jax.model import GptOss
@@ -175,9 +176,13 @@ class Engine:
     (chunks of several prompts together when they are short). Use :meth:`start` / :meth:`stop` (or
     ``with Engine(...)``) for a background loop and :meth:`submit` from any thread, or :meth:`generate`
     alone.
+
+    ``prefix_cache_blocks`` > 0 keeps that many prompt blocks of ``prefill_chunk`` tokens (their KV) for
+    later requests sharing a prefix (:mod:`gptoss_jax.decode.prefix_cache`; counters in ``status()``).
     """
 
-    def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256):
+    def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256,
+                 prefix_cache_blocks: int = 0):
         for name, value in (("max_batch", max_batch), ("context", context), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
@@ -187,6 +192,10 @@ class Engine:
         self.config = cfg
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         self.runner = Runner(model, max_batch=max_batch, context=context, prefill_chunk=prefill_chunk)
+        if not isinstance(prefix_cache_blocks, int) or prefix_cache_blocks < 0:
+            raise ValueError(f"Engine prefix_cache_blocks must be an integer >= 0, got {prefix_cache_blocks!r}")
+        self._prefix_blocks = prefix_cache_blocks if prefill_chunk < context else 0
+        self.prefix = self._new_prefix_cache()
         self.stats: collections.Counter = collections.Counter()
         self._slots: list[_Slot | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
@@ -195,6 +204,11 @@ class Engine:
         self._drive = threading.Lock()  # one loop at a time
         self._thread: threading.Thread | None = None
         self._running = False
+
+    def _new_prefix_cache(self) -> PrefixCache | None:
+        if not self._prefix_blocks:
+            return None
+        return PrefixCache(self.runner, self._prefix_blocks, self.prefill_chunk)
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
@@ -266,6 +280,10 @@ class Engine:
             for rows, bucket in shapes:  # the slots are free: the next prefill on each resets it
                 self.runner.prefill([Chunk(i, [0], 0, off) for i in range(rows)], bucket)
             jax.block_until_ready(self.runner.decode(np.zeros(self.max_batch, bool)))
+            if self.prefix is not None:  # both programs, on free slot 0 and free entry 0 (no entry refers to it)
+                self.runner.state = self.prefix.restore(self.runner.state, 0, [])
+                self.prefix.save(self.runner.state, 0, [b"warmup"], 0)
+                self.prefix = self._new_prefix_cache()
 
     def __enter__(self) -> "Engine":
         self.start()
@@ -303,6 +321,8 @@ class Engine:
                     s.request._finish("error", e)
                     self._slots[i] = None
             self.runner.reset()
+            if self.prefix is not None:  # a failed program may have consumed the donated pool
+                self.prefix = self._new_prefix_cache()
 
     def _admit(self) -> None:
         with self._cond:
@@ -318,9 +338,21 @@ class Engine:
                     if r.cancel_requested:
                         r._finish("cancelled")
                         continue
-                    self._slots[i] = _Slot(r, plan_chunks(r.prompt_tokens, self.prefill_chunk))
+                    self._slots[i] = _Slot(r, self._plan(i, r))
                     self.stats["admitted"] += 1
                     self.stats["admitted_while_decoding"] += busy
+
+    def _plan(self, slot: int, r: Request) -> list[tuple[int, int, int]]:
+        """The prompt's chunks for ``slot``; with a prefix cache, the cached leading blocks are restored
+        into the slot's rows first and the chunks start after them."""
+        start = 0
+        if self.prefix is not None:
+            r._hashes = block_hashes(r.prompt, self.prefill_chunk)
+            hit = self.prefix.lookup(r._hashes, r.prompt_tokens)
+            if hit:
+                self.runner.state = self.prefix.restore(self.runner.state, slot, hit)
+                start = len(hit) * self.prefill_chunk
+        return [(start + s, n, b) for s, n, b in plan_chunks(r.prompt_tokens - start, self.prefill_chunk)]
 
     def _dispatch(self) -> list:
         """Queue one prefill call and one decode step on the device; return what to read back later."""
@@ -338,6 +370,11 @@ class Engine:
                 r = s.request
                 chunks.append(Chunk(i, r.prompt[start:start + n], start, SlotSampling.of(r.params, r._key)))
             tokens = self.runner.prefill(chunks, bucket)
+            if self.prefix is not None:  # each full chunk is a block: into the pool before the rows change
+                for c in chunks:
+                    if len(c.tokens) == self.prefill_chunk:
+                        self.prefix.save(self.runner.state, c.slot, self._slots[c.slot].request._hashes,
+                                         c.start // self.prefill_chunk)
             self.stats["prefill_calls"] += 1
             self.stats["prefill_chunks"] += len(chunks)
             owners = {}

@@ -434,7 +434,8 @@ def engine_status(engine) -> dict:
     """Slots in use, requests waiting and the engine's counters (for /health)."""
     slots = getattr(engine, "_slots", [])
     return {"max_batch": getattr(engine, "max_batch", None), "active": sum(s is not None for s in slots),
-            "waiting": len(getattr(engine, "_waiting", ())), **dict(getattr(engine, "stats", {}))}
+            "waiting": len(getattr(engine, "_waiting", ())), **dict(getattr(engine, "stats", {})),
+            **({"prefix_cache": engine.prefix.status()} if getattr(engine, "prefix", None) is not None else {})}
 
 
 class CancellingStream(StreamingResponse):
