@@ -44,8 +44,9 @@ class Request:
     the slot. Thread-safe; any number of consumers may iterate.
     """
 
-    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, limit: int):
+    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, limit: int, constraint=None):
         self.id = next(_ids)
+        self.constraint = constraint
         self.prompt = list(prompt)
         self.params = params
         self.prompt_tokens = len(prompt)
@@ -211,9 +212,14 @@ class Engine:
         return PrefixCache(self.runner, self._prefix_blocks, self.prefill_chunk)
 
     # ------------------------------------------------------------------ public API
-    def submit(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams | None = None, constraint=None) -> Request:
         """Queue a request (thread-safe) and return it at once. ValueError for an empty prompt, ids
-        outside the vocabulary, or a prompt that leaves no room in the context."""
+        outside the vocabulary, or a prompt that leaves no room in the context.
+
+        ``constraint``: constrained decoding, an object with ``fill(row)`` (write the packed int32 mask of
+        the tokens allowed next into ``row`` [words]) and ``advance(token) -> bool`` (False: the token broke
+        it; :class:`gptoss_jax.serving.constrain.Constraint` wraps llguidance). Such a request decodes one
+        token per two loop rounds (its next mask needs its last token), the others are unaffected."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -226,7 +232,7 @@ class Engine:
         bad = next((i for i, t in enumerate(prompt) if not 0 <= t < self.config.vocab_size), None)
         if bad is not None:
             raise ValueError(f"prompt token {bad} is {prompt[bad]}, outside the vocabulary [0, {self.config.vocab_size})")
-        request = Request(self, prompt, params, min(params.max_tokens, self.context - len(prompt)))
+        request = Request(self, prompt, params, min(params.max_tokens, self.context - len(prompt)), constraint)
         with self._cond:
             self._waiting.append(request)
             self._cond.notify_all()
@@ -369,7 +375,14 @@ class Engine:
                 start, n, _ = s.chunks.pop(0)
                 r = s.request
                 chunks.append(Chunk(i, r.prompt[start:start + n], start, SlotSampling.of(r.params, r._key)))
-            tokens = self.runner.prefill(chunks, bucket)
+            allowed = None
+            if any(not self._slots[c.slot].chunks and self._slots[c.slot].request.constraint for c in chunks):
+                allowed = self.runner.no_mask(len(chunks))
+                for row, c in enumerate(chunks):
+                    r = self._slots[c.slot].request
+                    if not self._slots[c.slot].chunks and r.constraint is not None:
+                        r.constraint.fill(allowed[row])
+            tokens = self.runner.prefill(chunks, bucket, allowed)
             if self.prefix is not None:  # each full chunk is a block: into the pool before the rows change
                 for c in chunks:
                     if len(c.tokens) == self.prefill_chunk:
@@ -384,9 +397,16 @@ class Engine:
                     owners[row] = self._slots[i].request
             if owners:
                 out.append((tokens, owners))
-        active = np.array([s is not None and s.generating and s.dispatched > 0 for s in self._slots])
+        active = np.array([s is not None and s.generating and s.dispatched > 0
+                           and (s.request.constraint is None or s.request.completion_tokens == s.dispatched)
+                           for s in self._slots])  # a constrained row waits for its last token
         if active.any():
-            tokens = self.runner.decode(active)
+            allowed = None
+            for i in np.flatnonzero(active):
+                if (c := self._slots[i].request.constraint) is not None:
+                    allowed = self.runner.no_mask(self.max_batch) if allowed is None else allowed
+                    c.fill(allowed[i])
+            tokens = self.runner.decode(active, allowed)
             self.stats["decode_steps"] += 1
             owners = {}
             for i in np.flatnonzero(active):
@@ -406,7 +426,9 @@ class Engine:
                 token = int(values[i])
                 r._emit(token)
                 self.stats["tokens"] += 1
-                if token in r.params.stop_token_ids:
+                if r.constraint is not None and not r.constraint.advance(token):
+                    r._finish("error", RuntimeError(f"token {token} does not satisfy the request's constraint"))
+                elif token in r.params.stop_token_ids:
                     r.stop_token = token
                     r._finish("stop")
                 elif r.completion_tokens >= r._limit:

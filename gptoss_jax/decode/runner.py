@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import platform
-from gptoss_jax.decode.sampling import SlotSampling, sample
+from gptoss_jax.decode.sampling import SlotSampling, mask_words, sample
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.model import GptOss
 
@@ -143,9 +143,14 @@ class Runner:
         """Fresh state (after a failed step, whose donated inputs may be gone)."""
         self.state = empty_state(self.config, self.max_batch, self.context, self.dtype, self.layout)
 
-    def prefill(self, chunks: Sequence[Chunk], bucket: int) -> jax.Array:
+    def no_mask(self, rows: int) -> np.ndarray:
+        """An allowed-token mask letting every token through: int32 [rows, mask_words(V)] all bits set."""
+        return np.full((rows, mask_words(self.config.vocab_size)), -1, np.int32)
+
+    def prefill(self, chunks: Sequence[Chunk], bucket: int, allowed: np.ndarray | None = None) -> jax.Array:
         """Run ``chunks`` (distinct slots, each at most ``bucket`` ids) in one call; returns the token
-        sampled after each chunk (device int32 [rows], the first ``len(chunks)`` are theirs)."""
+        sampled after each chunk (device int32 [rows], the first ``len(chunks)`` are theirs); ``allowed``:
+        packed masks of the chunks' first tokens ([len(chunks), words], see :func:`sample`; None = any)."""
         rows = 1 if len(chunks) == 1 else prefill_rows(bucket, self.prefill_chunk, self.max_batch)
         if not 1 <= len(chunks) <= rows or len({c.slot for c in chunks}) < len(chunks):
             raise ValueError(f"prefill takes 1 to {rows} chunks of distinct slots in bucket {bucket}, "
@@ -160,14 +165,21 @@ class Runner:
             pos[r, :n] = np.arange(c.start, c.start + n, dtype=np.int32)
         samplings = [c.sampling for c in chunks] + [chunks[0].sampling] * (rows - len(chunks))
         sampling = jax.tree.map(lambda *xs: np.stack(xs), *samplings)
+        mask = self.no_mask(rows)
+        if allowed is not None:
+            mask[:len(chunks)] = allowed
         prefill, _ = jitted(self.platform)
-        self.state, tokens = prefill(self.platform, self.graphdef, self.params, self.state, slots, ids, pos, last, sampling)
+        self.state, tokens = prefill(self.platform, self.graphdef, self.params, self.state, slots, ids, pos, last, sampling,
+                                     mask)
         return tokens
 
-    def decode(self, active: np.ndarray):
-        """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits)."""
+    def decode(self, active: np.ndarray, allowed: np.ndarray | None = None):
+        """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits).
+        ``allowed``: packed allowed-token masks [B, words] (None = any token)."""
         _, decode = jitted(self.platform)
-        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state, np.asarray(active, bool))
+        mask = self.no_mask(self.max_batch) if allowed is None else allowed
+        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state,
+                                  np.asarray(active, bool), mask)
         return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -184,13 +196,15 @@ def jitted(target: str):
 
 
 def _prefill(target: str, graphdef, params, state: DecodeState, slots, tokens, positions, last,
-             sampling: SlotSampling):
-    """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row."""
+             sampling: SlotSampling, allowed=None):
+    """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row;
+    allowed [R, words] packed token masks."""
     with platform.lowering_for(target):
-        return _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling)
+        return _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling, allowed)
 
 
-def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling):
+def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling,
+                    allowed=None):
     model = nnx.merge(graphdef, params)
     fresh = positions[:, 0] == 0
 
@@ -200,7 +214,7 @@ def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positio
 
     h, cache_rows = model.hidden_states(tokens, positions, [rows(c) for c in state.cache])
     logits = model.unembed(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [R, V]
-    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32))
+    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32), allowed)
     put = lambda a, x: a.at[slots].set(x, mode="drop")  # noqa: E731 - padding rows are dropped
     cache = [LayerCache(*map(put, c, rc)) for c, rc in zip(state.cache, cache_rows)]
     s = state.slots
@@ -210,18 +224,18 @@ def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positio
     return DecodeState(cache, armed), new
 
 
-def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active):
+def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active, allowed=None):
     with platform.lowering_for(target):
-        return _decode_traced(graphdef, return_logits, params, state, active)
+        return _decode_traced(graphdef, return_logits, params, state, active, allowed)
 
 
-def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, active):
+def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, active, allowed=None):
     model = nnx.merge(graphdef, params)
     s = state.slots
     positions = jnp.where(active, s.positions, -1)
     h, cache = model.hidden_states(s.tokens[:, None], positions[:, None], state.cache)
     logits = model.unembed(h[:, 0])  # [B, V]
-    tokens = sample(logits, s.sampling, s.counts)
+    tokens = sample(logits, s.sampling, s.counts, allowed)
     slots = s._replace(tokens=jnp.where(active, tokens, s.tokens), positions=jnp.where(active, s.positions + 1, s.positions),
                        counts=s.counts + active.astype(jnp.int32))
     out = (DecodeState(cache, slots), tokens)
