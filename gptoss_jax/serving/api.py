@@ -66,11 +66,15 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None  # or a named function
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (serving/constrain.py)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
 
     def unsupported(self) -> tuple[str, Any] | None:
         """(field, value) of the first field set to a value this server cannot honour, or None."""
+        fmt = self.response_format
+        if fmt is not None and fmt.get("type") not in ("text", "json_object", "json_schema"):
+            return "response_format", fmt
         extra = self.model_extra or {}
         return next(((name, extra[name]) for name, honoured in NEUTRAL_VALUES.items()
                      if name in extra and not honoured(extra[name])), None)
@@ -83,5 +87,4 @@ NEUTRAL_VALUES = {
     "logit_bias": lambda v: not v,
     "presence_penalty": lambda v: v in (None, 0),
     "frequency_penalty": lambda v: v in (None, 0),
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
 }

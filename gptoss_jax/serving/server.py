@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptoss_jax.harmony import ChatFormat, Delta
+from gptoss_jax.serving import constrain
 from gptoss_jax.serving.api import MAX_SEED, ApiError, ChatCompletionRequest, validation_error
 from gptoss_jax.serving.prompts import Preparer
 from gptoss_jax.serving.workers import WorkerPool
@@ -269,10 +270,12 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
                                 f"take {len(prompt)} tokens", param="messages", code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = [sampling(body, i) for i in range(body.n)]
+        constraints = [constrain.request_constraint(body, p, fmt, engine) for p in params]  # tool_choice, response_format
         choices = []
         try:
-            for i, p in enumerate(params):
-                choices.append(Choice(i, engine.submit(prompt, p), fmt, stops))
+            for i, (p, constraint) in enumerate(zip(params, constraints)):
+                request = engine.submit(prompt, p) if constraint is None else engine.submit(prompt, p, constraint=constraint)
+                choices.append(Choice(i, request, fmt, stops))
                 live[choices[-1].request] = choices[-1]
                 counters["requests"] += 1
                 if shutdown["ended"]:  # rendered after the shutdown timeout: answered at once
