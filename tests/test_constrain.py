@@ -13,7 +13,7 @@ import pytest
 
 from gptoss_jax.decode.sampling import SlotSampling, mask_words, sample
 from gptoss_jax.serving.constrain import Grammars, json_grammar, tool_grammar
-from tests.serving import KEY, MODEL, running_server
+from tests.serving import KEY, MODEL, health, running_server
 
 V = 201088
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]},
@@ -88,7 +88,7 @@ def test_sampler_mask_only_constrains_its_rows():
 
 @pytest.mark.slow
 def test_server_tool_choice_and_json_schema(tmp_path, o200k_path):
-    with running_server(tmp_path, o200k_path) as (url, _, _):
+    with running_server(tmp_path, o200k_path, "--prefix-cache-blocks", "32") as (url, _, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
         msgs = [{"role": "user", "content": "Weather in Paris for 3 days?"}]
         for choice, name in (("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")):
@@ -110,6 +110,10 @@ def test_server_tool_choice_and_json_schema(tmp_path, o200k_path):
         assert out["city"] in ("Paris", "Tokyo") and 1 <= out["days"] <= 9
         plain = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
         assert plain.choices[0].finish_reason in ("stop", "length")
+        again = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
+        assert again.choices[0].message.content == plain.choices[0].message.content
+        stats = health(url)["engine"]["prefix_cache"]  # the tool requests share a prompt, as do the plain ones
+        assert stats["hit_blocks"] > 0 and 0 < stats["hit_rate"] < 1, stats
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=4,
                                            tool_choice={"type": "function", "function": {"name": "nope"}})

@@ -110,7 +110,7 @@ def test_errors(client, server):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert e.value.code == "model_not_found"
     for field, value in (("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}), ("frequency_penalty", 0.5),
-                         ("response_format", {"type": "json_object"})):  # would change the answer: refused, not ignored
+                         ("response_format", {"type": "grammar"})):  # would change the answer: refused, not ignored
         err = assert_openai_error(raw_post(server, json.dumps({"model": MODEL, "messages": MESSAGES, field: value}).encode()),
                                   400, code="unsupported_parameter", param=field)
         assert field in err["message"]

@@ -382,7 +382,7 @@ class Engine:
                     r = self._slots[c.slot].request
                     if not self._slots[c.slot].chunks and r.constraint is not None:
                         r.constraint.fill(allowed[row])
-            tokens = self.runner.prefill(chunks, bucket, allowed)
+            tokens = self.runner.prefill(chunks, bucket) if allowed is None else self.runner.prefill(chunks, bucket, allowed)
             if self.prefix is not None:  # each full chunk is a block: into the pool before the rows change
                 for c in chunks:
                     if len(c.tokens) == self.prefill_chunk:
@@ -406,7 +406,7 @@ class Engine:
                 if (c := self._slots[i].request.constraint) is not None:
                     allowed = self.runner.no_mask(self.max_batch) if allowed is None else allowed
                     c.fill(allowed[i])
-            tokens = self.runner.decode(active, allowed)
+            tokens = self.runner.decode(active) if allowed is None else self.runner.decode(active, allowed)
             self.stats["decode_steps"] += 1
             owners = {}
             for i in np.flatnonzero(active):
