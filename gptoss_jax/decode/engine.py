@@ -24,6 +24,7 @@ from typing import AsyncIterator, Iterator
 import jax
 import numpy as np
 
+from gptoss_jax.decode.prefix_cache import PrefixCache, block_hashes
 from gptoss_jax.decode.runner import Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
 from gptoss_jax.decode.sampling import SamplingParams, SlotBias, SlotSampling
 from gptoss_jax.model import GptOss
@@ -49,8 +50,9 @@ class Request:
     """
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, limit: int,
-                 logprobs: bool = False, prompt_logprobs: bool = False):
+                 logprobs: bool = False, prompt_logprobs: bool = False, constraint=None):
         self.id = next(_ids)
+        self.constraint = constraint
         self.prompt = list(prompt)
         self.params = params
         self.prompt_tokens = len(prompt)
@@ -183,9 +185,13 @@ class Engine:
     (chunks of several prompts together when they are short). Use :meth:`start` / :meth:`stop` (or
     ``with Engine(...)``) for a background loop and :meth:`submit` from any thread, or :meth:`generate`
     alone.
+
+    ``prefix_cache_blocks`` > 0 keeps that many prompt blocks of ``prefill_chunk`` tokens (their KV) for
+    later requests sharing a prefix (:mod:`gptoss_jax.decode.prefix_cache`; counters in ``status()``).
     """
 
-    def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256):
+    def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256,
+                 prefix_cache_blocks: int = 0):
         for name, value in (("max_batch", max_batch), ("context", context), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
@@ -195,6 +201,10 @@ class Engine:
         self.config = cfg
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
         self.runner = Runner(model, max_batch=max_batch, context=context, prefill_chunk=prefill_chunk)
+        if not isinstance(prefix_cache_blocks, int) or prefix_cache_blocks < 0:
+            raise ValueError(f"Engine prefix_cache_blocks must be an integer >= 0, got {prefix_cache_blocks!r}")
+        self._prefix_blocks = prefix_cache_blocks if prefill_chunk < context else 0
+        self.prefix = self._new_prefix_cache()
         self.stats: collections.Counter = collections.Counter()
         self._slots: list[_Slot | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
@@ -204,12 +214,22 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
 
+    def _new_prefix_cache(self) -> PrefixCache | None:
+        if not self._prefix_blocks:
+            return None
+        return PrefixCache(self.runner, self._prefix_blocks, self.prefill_chunk)
+
     # ------------------------------------------------------------------ public API
     def submit(self, prompt: list[int], params: SamplingParams | None = None, *, logprobs: bool = False,
-               prompt_logprobs: bool = False) -> Request:
+               prompt_logprobs: bool = False, constraint=None) -> Request:
         """Queue a request (thread-safe) and return it at once. ValueError for an empty prompt, ids
         outside the vocabulary, or a prompt that leaves no room in the context. ``logprobs`` /
-        ``prompt_logprobs``: keep the generated / prompt tokens' log-probabilities (:class:`Request`)."""
+        ``prompt_logprobs``: keep the generated / prompt tokens' log-probabilities (:class:`Request`).
+
+        ``constraint``: constrained decoding, an object with ``fill(row)`` (write the packed int32 mask of
+        the tokens allowed next into ``row`` [words]) and ``advance(token) -> bool`` (False: the token broke
+        it; :class:`gptoss_jax.serving.constrain.Constraint` wraps llguidance). Such a request decodes one
+        token per two loop rounds (its next mask needs its last token), the others are unaffected."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -226,7 +246,7 @@ class Engine:
         if bad is not None:
             raise ValueError(f"logit_bias token {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         request = Request(self, prompt, params, min(params.max_tokens, self.context - len(prompt)), logprobs,
-                          prompt_logprobs)
+                          prompt_logprobs, constraint)
         with self._cond:
             self._waiting.append(request)
             self._cond.notify_all()
@@ -280,13 +300,18 @@ class Engine:
             for rows, bucket in shapes:  # the slots are free: the next prefill on each resets it
                 self.runner.prefill([Chunk(i, [0], 0, off) for i in range(rows)], bucket)
             jax.block_until_ready(self.runner.decode(np.zeros(self.max_batch, bool)))
+            if self.prefix is not None:  # both programs, on free slot 0 and free entry 0 (no entry refers to it)
+                self.runner.state = self.prefix.restore(self.runner.state, 0, [])
+                self.prefix.save(self.runner.state, 0, [b"warmup"], 0)
+                self.prefix = self._new_prefix_cache()
 
     def status(self) -> dict:
         """Slots in use, requests waiting and the counters (``stats``), for /health; thread-safe."""
         with self._cond:
             active = sum(s is not None for s in self._slots)
             waiting = len(self._waiting)
-        return {"max_batch": self.max_batch, "active": active, "waiting": waiting, **dict(self.stats)}
+        prefix = {} if self.prefix is None else {"prefix_cache": self.prefix.status()}
+        return {"max_batch": self.max_batch, "active": active, "waiting": waiting, **dict(self.stats), **prefix}
 
     def __enter__(self) -> "Engine":
         self.start()
@@ -324,6 +349,8 @@ class Engine:
                     s.request._finish("error", e)
                     self._slots[i] = None
             self.runner.reset()
+            if self.prefix is not None:  # a failed program may have consumed the donated pool
+                self.prefix = self._new_prefix_cache()
 
     def _admit(self) -> None:
         with self._cond:
@@ -339,9 +366,21 @@ class Engine:
                     if r.cancel_requested:
                         r._finish("cancelled")
                         continue
-                    self._slots[i] = _Slot(r, plan_chunks(r.prompt_tokens, self.prefill_chunk))
+                    self._slots[i] = _Slot(r, self._plan(i, r))
                     self.stats["admitted"] += 1
                     self.stats["admitted_while_decoding"] += busy
+
+    def _plan(self, slot: int, r: Request) -> list[tuple[int, int, int]]:
+        """The prompt's chunks for ``slot``; with a prefix cache, the cached leading blocks are restored
+        into the slot's rows first and the chunks start after them."""
+        start = 0
+        if self.prefix is not None:
+            r._hashes = block_hashes(r.prompt, self.prefill_chunk)
+            hit = self.prefix.lookup(r._hashes, r.prompt_tokens)
+            if hit:
+                self.runner.state = self.prefix.restore(self.runner.state, slot, hit)
+                start = len(hit) * self.prefill_chunk
+        return [(start + s, n, b) for s, n, b in plan_chunks(r.prompt_tokens - start, self.prefill_chunk)]
 
     def _dispatch(self) -> list:
         """Queue one prefill call and one decode step on the device; return what to read back later."""
@@ -365,7 +404,19 @@ class Engine:
             if spans:  # the ids each position predicts: the next prompt token
                 targets = [self._slots[i].request.prompt[c.start + 1:c.start + len(c.tokens) + 1]
                            for i, c in zip(picked, chunks)]
-            sampled, prompt = self.runner.prefill_sampled(chunks, bucket, targets)
+            allowed = None
+            if any(not self._slots[c.slot].chunks and self._slots[c.slot].request.constraint for c in chunks):
+                allowed = self.runner.no_mask(len(chunks))
+                for row, c in enumerate(chunks):
+                    r = self._slots[c.slot].request
+                    if not self._slots[c.slot].chunks and r.constraint is not None:
+                        r.constraint.fill(allowed[row])
+            sampled, prompt = self.runner.prefill_sampled(chunks, bucket, targets, allowed)
+            if self.prefix is not None:  # each full chunk is a block: into the pool before the rows change
+                for c in chunks:
+                    if len(c.tokens) == self.prefill_chunk:
+                        self.prefix.save(self.runner.state, c.slot, self._slots[c.slot].request._hashes,
+                                         c.start // self.prefill_chunk)
             self.stats["prefill_calls"] += 1
             self.stats["prefill_chunks"] += len(chunks)
             owners = {}
@@ -377,9 +428,16 @@ class Engine:
                 out.append((prompt, spans))
             if owners:
                 out.append((sampled, owners))
-        active = np.array([s is not None and s.generating and s.dispatched > 0 for s in self._slots])
+        active = np.array([s is not None and s.generating and s.dispatched > 0
+                           and (s.request.constraint is None or s.request.completion_tokens == s.dispatched)
+                           for s in self._slots])  # a constrained row waits for its last token
         if active.any():
-            tokens, *_ = self.runner.decode_sampled(active)
+            allowed = None
+            for i in np.flatnonzero(active):
+                if (c := self._slots[i].request.constraint) is not None:
+                    allowed = self.runner.no_mask(self.max_batch) if allowed is None else allowed
+                    c.fill(allowed[i])
+            tokens, *_ = self.runner.decode_sampled(active, allowed)
             self.stats["decode_steps"] += 1
             owners = {}
             for i in np.flatnonzero(active):
@@ -409,7 +467,9 @@ class Engine:
                     r.logprobs.append(_logprob_row(lp, i))
                 r._emit(token)
                 self.stats["tokens"] += 1
-                if token in r.params.stop_token_ids:
+                if r.constraint is not None and not r.constraint.advance(token):
+                    r._finish("error", RuntimeError(f"token {token} does not satisfy the request's constraint"))
+                elif token in r.params.stop_token_ids:
                     r.stop_token = token
                     r._finish("stop")
                 elif r.completion_tokens >= r._limit:

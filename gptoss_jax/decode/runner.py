@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import platform
-from gptoss_jax.decode.sampling import Logprobs, SamplingParams, SlotBias, SlotSampling, logprobs, sample
+from gptoss_jax.decode.sampling import Logprobs, SamplingParams, SlotBias, SlotSampling, logprobs, mask_words, sample
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.model import GptOss
 
@@ -166,13 +166,19 @@ class Runner:
         """Fresh state (after a failed step, whose donated inputs may be gone)."""
         self.state = empty_state(self.config, self.max_batch, self.context, self.dtype, self.layout)
 
-    def prefill(self, chunks: Sequence[Chunk], bucket: int) -> jax.Array:
+    def no_mask(self, rows: int) -> np.ndarray:
+        """An allowed-token mask letting every token through: int32 [rows, mask_words(V)] all bits set."""
+        return np.full((rows, mask_words(self.config.vocab_size)), -1, np.int32)
+
+    def prefill(self, chunks: Sequence[Chunk], bucket: int, allowed: np.ndarray | None = None) -> jax.Array:
         """Run ``chunks`` (distinct slots, each at most ``bucket`` ids) in one call; returns the token
-        sampled after each chunk (device int32 [rows], the first ``len(chunks)`` are theirs)."""
-        return self.prefill_sampled(chunks, bucket)[0].tokens
+        sampled after each chunk (device int32 [rows], the first ``len(chunks)`` are theirs); ``allowed``:
+        packed masks of the chunks' first tokens ([len(chunks), words], see :func:`sample`; None = any)."""
+        return self.prefill_sampled(chunks, bucket, allowed=allowed)[0].tokens
 
     def prefill_sampled(self, chunks: Sequence[Chunk], bucket: int,
-                        prompt_targets: Sequence[Sequence[int]] | None = None) -> tuple[Sampled, Logprobs | None]:
+                        prompt_targets: Sequence[Sequence[int]] | None = None,
+                        allowed: np.ndarray | None = None) -> tuple[Sampled, Logprobs | None]:
         """:meth:`prefill` with the tokens' :class:`Logprobs`; with ``prompt_targets`` (per chunk, the ids
         that follow each of its positions) also the Logprobs of those targets, [rows, bucket]."""
         rows = 1 if len(chunks) == 1 else prefill_rows(bucket, self.prefill_chunk, self.max_batch)
@@ -197,20 +203,26 @@ class Runner:
             targets = np.zeros((rows, bucket), np.int32)
             for r, t in enumerate(prompt_targets):
                 targets[r, :len(t)] = t
+        mask = self.no_mask(rows)
+        if allowed is not None:
+            mask[:len(chunks)] = allowed
         prefill, _ = jitted(self.platform)
         self.state, sampled, prompt = prefill(self.platform, self.graphdef, targets is not None, self.params, self.state,
-                                              slots, ids, pos, last, sampling, bias, targets)
+                                              slots, ids, pos, last, sampling, bias, targets, mask)
         return sampled, prompt
 
-    def decode(self, active: np.ndarray):
-        """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits)."""
-        sampled, *logits = self.decode_sampled(active)
+    def decode(self, active: np.ndarray, allowed: np.ndarray | None = None):
+        """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits).
+        ``allowed``: packed allowed-token masks [B, words] (None = any token)."""
+        sampled, *logits = self.decode_sampled(active, allowed)
         return sampled.tokens if not logits else (sampled.tokens, *logits)
 
-    def decode_sampled(self, active: np.ndarray):
+    def decode_sampled(self, active: np.ndarray, allowed: np.ndarray | None = None):
         """:meth:`decode` returning (:class:`Sampled`, and the logits with ``return_logits``)."""
         _, decode = jitted(self.platform)
-        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state, np.asarray(active, bool))
+        mask = self.no_mask(self.max_batch) if allowed is None else allowed
+        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state,
+                                  np.asarray(active, bool), mask)
         return tuple(out)
 
 
@@ -227,17 +239,19 @@ def jitted(target: str):
 
 
 def _prefill(target: str, graphdef, with_prompt: bool, params, state: DecodeState, slots, tokens, positions, last,
-             sampling: SlotSampling, bias: SlotBias, targets):
+             sampling: SlotSampling, bias: SlotBias, targets, allowed=None):
     """slots [R] (padding rows: max_batch), tokens and positions [R, T], last [R]: one chunk per row;
-    targets [R, T] (with_prompt) the ids whose log-probabilities each position's logits give."""
+    targets [R, T] (with_prompt) the ids whose log-probabilities each position's logits give;
+    allowed [R, words] packed token masks."""
     with platform.lowering_for(target):
-        state, sampled, h = _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling, bias)
+        state, sampled, h = _prefill_traced(graphdef, params, state, slots, tokens, positions, last, sampling, bias,
+                                            allowed)
         prompt = logprobs(nnx.merge(graphdef, params).unembed(h), targets) if with_prompt else None
         return state, sampled, prompt
 
 
 def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positions, last, sampling: SlotSampling,
-                    bias: SlotBias):
+                    bias: SlotBias, allowed=None):
     model = nnx.merge(graphdef, params)
     fresh = positions[:, 0] == 0
 
@@ -248,7 +262,7 @@ def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positio
     h, cache_rows = model.hidden_states(tokens, positions, [rows(c) for c in state.cache])
     logits = model.unembed(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [R, V]
     none_seen = jnp.zeros(logits.shape, jnp.int32)
-    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32), bias.dense(none_seen))
+    new = sample(logits, sampling, jnp.zeros(slots.shape, jnp.int32), bias.dense(none_seen), allowed)
     put = lambda a, x: a.at[slots].set(x, mode="drop")  # noqa: E731 - padding rows are dropped
     cache = [LayerCache(*map(put, c, rc)) for c, rc in zip(state.cache, cache_rows)]
     s = state.slots
@@ -259,18 +273,18 @@ def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positio
     return DecodeState(cache, armed), Sampled(new, logprobs(logits, new)), h
 
 
-def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active):
+def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active, allowed=None):
     with platform.lowering_for(target):
-        return _decode_traced(graphdef, return_logits, params, state, active)
+        return _decode_traced(graphdef, return_logits, params, state, active, allowed)
 
 
-def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, active):
+def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, active, allowed=None):
     model = nnx.merge(graphdef, params)
     s = state.slots
     positions = jnp.where(active, s.positions, -1)
     h, cache = model.hidden_states(s.tokens[:, None], positions[:, None], state.cache)
     logits = model.unembed(h[:, 0])  # [B, V]
-    tokens = sample(logits, s.sampling, s.counts, s.bias.dense(s.seen))
+    tokens = sample(logits, s.sampling, s.counts, s.bias.dense(s.seen), allowed)
     slots = s._replace(tokens=jnp.where(active, tokens, s.tokens), positions=jnp.where(active, s.positions + 1, s.positions),
                        counts=s.counts + active.astype(jnp.int32),
                        seen=s.seen.at[jnp.arange(tokens.shape[0]), tokens].add(active.astype(jnp.int32)))

@@ -172,11 +172,27 @@ def logprobs(logits: jax.Array, tokens: jax.Array, k: int = TOP_LOGPROBS) -> Log
     return Logprobs(chosen, top_ids.astype(jnp.int32), top_values)
 
 
-def sample(logits: jax.Array, params: SlotSampling, counts: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+def mask_words(vocab: int) -> int:
+    """int32 words of a packed allowed-token mask over ``vocab`` ids (bit ``v % 32`` of word ``v // 32``)."""
+    return (vocab + 31) // 32
+
+
+def unpack_mask(allowed: jax.Array, vocab: int) -> jax.Array:
+    """Packed int32 [B, mask_words(V)] (llguidance's bitmask layout) -> bool [B, V]."""
+    bits = jnp.right_shift(allowed[:, :, None], jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(allowed.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def sample(logits: jax.Array, params: SlotSampling, counts: jax.Array, bias: jax.Array | None = None,
+           allowed: jax.Array | None = None) -> jax.Array:
     """float32 logits [B, V] -> int32 tokens [B]; row b draws with ``fold_in(key[b], counts[b])``.
-    ``bias``: float32 [B, V] added to the logits first (logit_bias, penalties; :meth:`SlotBias.dense`)."""
+    ``bias``: float32 [B, V] added to the logits first (logit_bias, penalties; :meth:`SlotBias.dense`).
+    ``allowed``: packed int32 [B, mask_words(V)] (all bits set = unconstrained): tokens outside it get -inf
+    (constrained decoding), for greedy and sampled rows alike."""
     if bias is not None:
         logits = logits + bias
+    if allowed is not None:
+        logits = jnp.where(unpack_mask(allowed, logits.shape[-1]), logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):

@@ -63,6 +63,9 @@ class Refusing(BaseModel):
 
     def unsupported(self) -> tuple[str, Any] | None:
         """(field, value) of the first field set to a value this server cannot honour, or None."""
+        fmt = getattr(self, "response_format", None)
+        if fmt is not None and fmt.get("type") not in ("text", "json_object", "json_schema"):
+            return "response_format", fmt
         extra = self.model_extra or {}
         return next(((name, extra[name]) for name, honoured in self.NEUTRAL.items()
                      if name in extra and not honoured(extra[name])), None)
@@ -96,16 +99,14 @@ class Sampling(Refusing):
 
 class ChatCompletionRequest(Sampling):
     """A chat completion (see :class:`Refusing` for fields outside the schema)."""
-    NEUTRAL: ClassVar[dict] = {
-        "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    }
 
     model: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None  # or a named function
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema (serving/constrain.py)
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -42,6 +42,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                    help="processes parsing and rendering requests off the event loop (default 2)")
     g.add_argument("--render-timeout", type=options.real(0, low_open=True), default=10.0,
                    help="seconds one request may take to parse and render before a 413 (default 10)")
+    g.add_argument("--prefix-cache-blocks", type=options.integer(0), default=0,
+                   help="prompt blocks (of --prefill-chunk tokens each) whose KV is kept for later requests sharing "
+                        "a prefix, least recently used evicted (0 = off; hit rate on /health)")
     g.add_argument("--shutdown-timeout", type=options.real(0), default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are ended "
                         "with finish_reason 'length' (default 30)")

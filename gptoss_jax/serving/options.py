@@ -168,7 +168,8 @@ def build_engine(ckpt: str | os.PathLike, args: argparse.Namespace):
     context = min(args.context, model.config.max_position_embeddings)
     if context < args.context:
         log.info("context capped at the model's maximum, %d tokens", context)
-    engine = Engine(model, max_batch=args.max_batch, context=context, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, max_batch=args.max_batch, context=context, prefill_chunk=args.prefill_chunk,
+                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0))
     engine.start()
     log.info("loaded %s in %.1fs (context %d, batch %d%s)", ckpt, time.perf_counter() - t0, context, args.max_batch,
              "" if mesh is None else f", mesh {dict(mesh.shape)}")

@@ -114,4 +114,5 @@ class Preparer:
                                      reasoning_effort=body.reasoning_effort or self.reasoning_effort)
         except ChatFormatError as e:
             raise ApiError(400, str(e), param=_field(str(e))) from None
-        return body.model_copy(update={"messages": [], "tools": None}), prompt
+        constrained = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
+        return body.model_copy(update={"messages": [], "tools": body.tools if constrained else None}), prompt

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptoss_jax.harmony import ChatFormat, Delta
+from gptoss_jax.serving import constrain
 from gptoss_jax.serving.api import MAX_SEED, ApiError, ChatCompletionRequest, validation_error
 from gptoss_jax.serving.prompts import Preparer
 from gptoss_jax.serving.workers import WorkerPool
@@ -312,10 +313,12 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         params = [sampling(body, i) for i in range(body.n)]
         extra = {"logprobs": True} if body.logprobs else {}  # log-probabilities kept per generated token
+        constraints = [constrain.request_constraint(body, p, fmt, engine) for p in params]  # tool_choice, response_format
         choices = []
         try:
-            for i, p in enumerate(params):
-                choices.append(Choice(i, engine.submit(prompt, p, **extra), fmt, stops, body.top_logprobs or 0))
+            for i, (p, constraint) in enumerate(zip(params, constraints)):
+                kwargs = extra if constraint is None else {**extra, "constraint": constraint}
+                choices.append(Choice(i, engine.submit(prompt, p, **kwargs), fmt, stops, body.top_logprobs or 0))
                 live[choices[-1].request] = choices[-1]
                 counters["requests"] += 1
                 if shutdown["ended"]:  # rendered after the shutdown timeout: answered at once
