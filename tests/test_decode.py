@@ -256,11 +256,11 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkey
     real = engine.runner.decode_sampled
     calls = []
 
-    def flaky(active):
+    def flaky(active, allowed=None):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return real(active)
+        return real(active, allowed)
 
     monkeypatch.setattr(engine.runner, "decode_sampled", flaky)
     failed = engine.submit(prompt(100, 6), GREEDY)
