@@ -80,7 +80,7 @@ def test_sampler_mask_only_constrains_its_rows():
     mask[2, 0] = (1 << 3) | (1 << 5)
     for temp in (0.0, 1.0):
         p = SlotSampling(jnp.full(3, temp), jnp.zeros(3, jnp.int32), jnp.ones(3), jnp.zeros((3, 2), jnp.uint32))
-        out = np.asarray(sample(logits, p, jnp.zeros(3, jnp.int32), jnp.asarray(mask)))
+        out = np.asarray(sample(logits, p, jnp.zeros(3, jnp.int32), allowed=jnp.asarray(mask)))
         assert out[1] == 39 and out[2] in (3, 5)
         if temp == 0:
             assert out[0] == int(jnp.argmax(logits[0])) and out[2] == (3 if logits[2, 3] > logits[2, 5] else 5)
