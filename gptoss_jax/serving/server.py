@@ -25,7 +25,7 @@ import uuid
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptoss_jax.harmony import ChatFormat, Delta
@@ -214,25 +214,188 @@ async def _merge(iterators):
             t.cancel()
 
 
-def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, default_params,
-               api_key: str | None = None, reasoning_effort: str = "medium",
-               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` as ``model_name``.
+class Server:
+    """What the routes share: the engine and its renderer, the requests in flight, counters, shutdown.
 
     context: tokens per sequence (prompt + generated) of the engine; default_params: the
     SamplingParams whose fields a request overrides; api_key: when set, requests to /v1 need
-    ``Authorization: Bearer <api_key>``; max_request_bytes: the body cap (413 above);
-    renderer: the worker pool preparing prompts (:func:`render_pool`; by default two workers, 10 s).
-    ``app.state.begin_shutdown(timeout)`` starts the graceful shutdown (see the module docstring).
+    ``Authorization: Bearer <api_key>``; renderer: the worker pool preparing prompts.
+    """
+
+    def __init__(self, engine, fmt: ChatFormat, model_name: str, *, context: int, default_params,
+                 api_key: str | None, renderer: WorkerPool):
+        self.engine, self.fmt, self.model_name, self.context = engine, fmt, model_name, context
+        self.default_params, self.api_key, self.renderer = default_params, api_key, renderer
+        self.live: dict = {}  # engine request -> Choice, for the requests the server is waiting on
+        self.counters = {"requests": 0, "completed": 0, "cancelled": 0}
+        self.draining = self.ended = False
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------ shutdown
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop taking requests; after ``timeout`` seconds end those still running (finish_reason "length")."""
+        self.draining = True
+        log.info("shutting down: %d requests in flight get %g s to finish", len(self.live), timeout)
+        asyncio.get_running_loop().call_later(timeout, self.end_all)
+
+    def end_all(self) -> None:
+        self.ended = True
+        if self.live:
+            log.warning("shutdown timeout: ending %d requests (finish_reason 'length')", len(self.live))
+        for c in list(self.live.values()):
+            c.end()
+
+    # ------------------------------------------------------------ requests
+    async def authorize(self, authorization: str | None = Header(None)) -> None:
+        if self.api_key is None:
+            return
+        if not authorization:
+            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gptoss-jax"}
+
+    def find_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist (this server has '{self.model_name}')",
+                           param="model", code="model_not_found")
+
+    def health(self) -> dict:
+        return {"status": "shutting_down" if self.draining else "ok", "model": self.model_name,
+                "context": self.context, "requests_in_flight": len(self.live), "rendering": self.renderer.busy,
+                **self.counters, "engine": engine_status(self.engine)}
+
+    async def prepare(self, raw: bytes):
+        """The request and its prompt ids, from a render worker (ApiError for a bad request)."""
+        try:
+            result = await self.renderer.acall(raw)
+        except TimeoutError:
+            raise ApiError(413, f"Rendering this request took longer than the server's {self.renderer.timeout:g} s "
+                                "budget: send a shorter one", code="render_timeout") from None
+        if result[0] == "error":
+            raise ApiError.from_body(*result[1:])
+        return result[1], result[2]
+
+    def sampling(self, body, index: int, max_tokens: int | None):
+        """The SamplingParams of choice ``index`` of ``body`` (a :class:`Sampling` request)."""
+        fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "seed", "presence_penalty",
+                                                "frequency_penalty") if getattr(body, k) is not None}
+        fields["logit_bias"] = body.bias_pairs()
+        if body.seed is not None:
+            fields["seed"] = (body.seed + index) % (MAX_SEED + 1)  # n > 1: distinct but reproducible
+        fields["max_tokens"] = max_tokens or self.default_params.max_tokens
+        # the schema bounds every field; the engine stops at the end of the context whatever max_tokens says
+        return dataclasses.replace(self.default_params, **fields)
+
+    def check_length(self, prompt: list[int], param: str = "messages") -> None:
+        if len(prompt) >= self.context:
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the {param} "
+                                f"take {len(prompt)} tokens", param=param, code="context_length_exceeded")
+
+    def submit(self, body: ChatCompletionRequest, prompt: list[int]) -> list[Choice]:
+        """One engine request per choice of a chat completion."""
+        self.check_length(prompt)
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        params = [self.sampling(body, i, body.max_completion_tokens or body.max_tokens) for i in range(body.n)]
+        extra = {"logprobs": True} if body.logprobs else {}  # log-probabilities kept per generated token
+        constraints = [constrain.request_constraint(body, p, self.fmt, self.engine) for p in params]
+        choices = []
+        try:
+            for i, (p, constraint) in enumerate(zip(params, constraints)):
+                kwargs = extra if constraint is None else {**extra, "constraint": constraint}
+                choices.append(self.track(Choice(i, self.engine.submit(prompt, p, **kwargs), self.fmt, stops,
+                                                 body.top_logprobs or 0)))
+        except ValueError as e:  # the engine refused the prompt
+            self.release(choices)
+            raise ApiError(400, str(e), param="messages") from None
+        return choices
+
+    def track(self, choice):
+        """Count ``choice`` as in flight (answered at once when it comes after the shutdown timeout)."""
+        self.live[choice.request] = choice
+        self.counters["requests"] += 1
+        if self.ended:
+            choice.end()
+        return choice
+
+    def release(self, choices) -> None:
+        """The choices are over (finished, failed or abandoned): cancel what still runs, count them."""
+        for c in choices:
+            if c.request in self.live:
+                del self.live[c.request]
+                if c.finish_reason is None:
+                    c.request.cancel()
+                    self.counters["cancelled"] += 1
+                else:
+                    self.counters["completed"] += 1
+
+    @staticmethod
+    def usage(prompt: list[int], choices) -> dict:
+        n = sum(c.tokens for c in choices)
+        return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+
+    @staticmethod
+    async def collect(request: Request, choices) -> None:
+        """Run the choices to their end; a client that goes away frees its slots (ApiError 499)."""
+        async def drain(c):
+            async for _ in c.deltas():
+                pass
+
+        work = asyncio.gather(*(drain(c) for c in choices))
+        while True:
+            done, _ = await asyncio.wait([work], timeout=DISCONNECT_POLL_S)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                raise ApiError(499, "client disconnected")
+
+    async def sse(self, events, choices):
+        """Server-sent events of the ``events`` async iterator (dicts), errors as an error event, then
+        ``[DONE]``; the choices are released however the stream ends."""
+        try:
+            async for event in events:
+                yield _sse(event)
+        except ApiError as e:
+            yield _sse(e.body())
+        except Exception as e:  # noqa: BLE001 - the response has started: the error goes in the stream
+            log.exception("stream failed")
+            yield _sse(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
+        finally:
+            self.release(choices)
+        yield "data: [DONE]\n\n"
+
+    def streaming(self, events, choices) -> "CancellingStream":
+        return CancellingStream(self.sse(events, choices), lambda: self.release(choices),
+                                media_type="text/event-stream")
+
+
+def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, default_params,
+               api_key: str | None = None, reasoning_effort: str = "medium",
+               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` as ``model_name`` (arguments: :class:`Server`).
+
+    max_request_bytes: the body cap (413 above); renderer: the worker pool preparing prompts
+    (:func:`render_pool`; by default two workers, 10 s). ``app.state.begin_shutdown(timeout)`` starts the
+    graceful shutdown (see the module docstring).
     """
     app = FastAPI(title="gptoss-jax", version="0.1.0")
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
-    renderer = renderer or render_pool(fmt, context, reasoning_effort)
-    live: dict = {}  # engine request -> Choice, for the requests the server is waiting on
-    counters = {"requests": 0, "completed": 0, "cancelled": 0}
-    shutdown = {"draining": False, "ended": False}
-    created = int(time.time())
+    server = Server(engine, fmt, model_name, context=context, default_params=default_params, api_key=api_key,
+                    renderer=renderer or render_pool(fmt, context, reasoning_effort))
+    app.state.server, app.state.renderer, app.state.begin_shutdown = server, server.renderer, server.begin_shutdown
+    add_error_handlers(app)
+    add_model_routes(app, server)
+    add_chat_routes(app, server)
+    return app
 
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON, whatever raised it."""
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return e.response()
@@ -251,177 +414,68 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
         log.exception("request failed")
         return ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").response()
 
-    def begin_shutdown(timeout: float) -> None:
-        shutdown["draining"] = True
-        log.info("shutting down: %d requests in flight get %g s to finish", len(live), timeout)
-        asyncio.get_running_loop().call_later(timeout, end_all)
 
-    def end_all() -> None:
-        shutdown["ended"] = True
-        if live:
-            log.warning("shutdown timeout: ending %d requests (finish_reason 'length')", len(live))
-        for c in list(live.values()):
-            c.end()
-
-    app.state.begin_shutdown = begin_shutdown
-    app.state.renderer = renderer
-
-    async def authorize(authorization: str | None = Header(None)):
-        if api_key is None:
-            return
-        if not authorization:
-            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not secrets.compare_digest(authorization.removeprefix("Bearer ").strip().encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
-
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created, "owned_by": "gptoss-jax"}
-
-    def find_model(name: str) -> None:
-        if name != model_name:
-            raise ApiError(404, f"The model '{name}' does not exist (this server has '{model_name}')",
-                           param="model", code="model_not_found")
-
+def add_model_routes(app: FastAPI, server: Server) -> None:
+    """``/health``, ``/v1/models`` and ``/v1/models/{id}``."""
     @app.get("/health")
     async def health():
-        return {"status": "shutting_down" if shutdown["draining"] else "ok", "model": model_name, "context": context,
-                "requests_in_flight": len(live), "rendering": renderer.busy, **counters, "engine": engine_status(engine)}
+        return server.health()
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=[Depends(server.authorize)])
     async def models():
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [server.model_card()]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(server.authorize)])
     async def model(name: str):
-        find_model(name)
-        return model_card()
+        server.find_model(name)
+        return server.model_card()
 
-    def sampling(body: ChatCompletionRequest, index: int):
-        fields = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "seed", "presence_penalty",
-                                                "frequency_penalty") if getattr(body, k) is not None}
-        fields["logit_bias"] = body.bias_pairs()
-        if body.seed is not None:
-            fields["seed"] = (body.seed + index) % (MAX_SEED + 1)  # n > 1: distinct but reproducible
-        fields["max_tokens"] = body.max_completion_tokens or body.max_tokens or default_params.max_tokens
-        # the schema bounds every field; the engine stops at the end of the context whatever max_tokens says
-        return dataclasses.replace(default_params, **fields)
 
-    def submit(body: ChatCompletionRequest, prompt: list[int]) -> list[Choice]:
-        if len(prompt) >= context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens, but the messages "
-                                f"take {len(prompt)} tokens", param="messages", code="context_length_exceeded")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        params = [sampling(body, i) for i in range(body.n)]
-        extra = {"logprobs": True} if body.logprobs else {}  # log-probabilities kept per generated token
-        constraints = [constrain.request_constraint(body, p, fmt, engine) for p in params]  # tool_choice, response_format
-        choices = []
-        try:
-            for i, (p, constraint) in enumerate(zip(params, constraints)):
-                kwargs = extra if constraint is None else {**extra, "constraint": constraint}
-                choices.append(Choice(i, engine.submit(prompt, p, **kwargs), fmt, stops, body.top_logprobs or 0))
-                live[choices[-1].request] = choices[-1]
-                counters["requests"] += 1
-                if shutdown["ended"]:  # rendered after the shutdown timeout: answered at once
-                    choices[-1].end()
-        except ValueError as e:  # the engine refused the prompt
-            release(choices)
-            raise ApiError(400, str(e), param="messages") from None
-        return choices
-
-    def release(choices: list[Choice]) -> None:
-        for c in choices:
-            if c.request in live:
-                del live[c.request]
-                if c.finish_reason is None:
-                    c.request.cancel()
-                    counters["cancelled"] += 1
-                else:
-                    counters["completed"] += 1
-
-    def usage(prompt: list[int], choices: list[Choice]) -> dict:
-        n = sum(c.tokens for c in choices)
-        return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
-
-    async def prepare(raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
-        """The request and its prompt ids, from a render worker (ApiError for a bad request)."""
-        try:
-            result = await renderer.acall(raw)
-        except TimeoutError:
-            raise ApiError(413, f"Rendering this request took longer than the server's {renderer.timeout:g} s "
-                                "budget: send a shorter one", code="render_timeout") from None
-        if result[0] == "error":
-            raise ApiError.from_body(*result[1:])
-        return result[1], result[2]
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+def add_chat_routes(app: FastAPI, server: Server) -> None:
+    """``/v1/chat/completions``, streaming or not."""
+    @app.post("/v1/chat/completions", dependencies=[Depends(server.authorize)])
     async def chat_completions(request: Request):
-        body, prompt = await prepare(await request.body())
-        find_model(body.model)
+        body, prompt = await server.prepare(await request.body())
+        server.find_model(body.model)
         if refused := body.unsupported():
             name, value = refused
             raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
                            param=name, code="unsupported_parameter")
-        choices = submit(body, prompt)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        choices = server.submit(body, prompt)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return CancellingStream(stream(head, prompt, choices, include_usage), lambda: release(choices),
-                                    media_type="text/event-stream")
+            return server.streaming(chat_chunks(head, prompt, choices, include_usage), choices)
         try:
-            await collect(request, choices)
+            await server.collect(request, choices)
         finally:
-            release(choices)
+            server.release(choices)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": c.index, "message": c.message(), "logprobs": c.logprobs_json(),
                              "finish_reason": c.finish_reason} for c in choices],
-                "usage": usage(prompt, choices)}
+                "usage": Server.usage(prompt, choices)}
 
-    async def collect(request: Request, choices: list[Choice]) -> None:
-        async def drain(c: Choice):
-            async for _ in c.deltas():
-                pass
 
-        work = asyncio.gather(*(drain(c) for c in choices))
-        while True:  # a client that went away frees its slots
-            done, _ = await asyncio.wait([work], timeout=DISCONNECT_POLL_S)
-            if done:
-                return work.result()
-            if await request.is_disconnected():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await work
-                raise ApiError(499, "client disconnected")
+async def chat_chunks(head: dict, prompt: list[int], choices: list[Choice], include_usage: bool):
+    """The chat.completion.chunk objects of a streamed chat completion."""
+    def chunk(index: int, delta: dict, finish_reason=None) -> dict:
+        lp = choices[index].logprobs_json(new_only=True) if "content" in delta and delta["content"] else None
+        return {**head, "object": "chat.completion.chunk",
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
 
-    async def stream(head: dict, prompt: list[int], choices: list[Choice], include_usage: bool):
-        def chunk(index: int, delta: dict, finish_reason=None) -> str:
-            lp = choices[index].logprobs_json(new_only=True) if "content" in delta and delta["content"] else None
-            return _sse({**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]})
+    def one(c: Choice):
+        async def it():
+            yield {"role": "assistant", "content": ""}
+            async for d in c.deltas():
+                yield delta_json(d)
+        return it()
 
-        def one(c: Choice):
-            async def it():
-                yield {"role": "assistant", "content": ""}
-                async for d in c.deltas():
-                    yield delta_json(d)
-            return it()
-
-        try:
-            async for i, delta in _merge([one(c) for c in choices]):
-                yield chunk(i, delta)
-            for c in choices:
-                yield chunk(c.index, {}, c.finish_reason)
-            if include_usage:
-                yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(prompt, choices)})
-        except ApiError as e:
-            yield _sse(e.body())
-        except Exception as e:  # noqa: BLE001 - the response has started: the error goes in the stream
-            log.exception("stream failed")
-            yield _sse(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
-        finally:
-            release(choices)
-        yield "data: [DONE]\n\n"
-
-    return app
+    async for i, delta in _merge([one(c) for c in choices]):
+        yield chunk(i, delta)
+    for c in choices:
+        yield chunk(c.index, {}, c.finish_reason)
+    if include_usage:
+        yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": Server.usage(prompt, choices)}
 
 
 def render_pool(fmt: ChatFormat, context: int, reasoning_effort: str = "medium", *, workers: int = 2,
