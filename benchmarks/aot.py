@@ -119,16 +119,16 @@ def activation_bytes(cfg, tokens: int, logit_rows: int, dtype_bytes: int = 2) ->
     output, SwiGLU output and down output; plus float32 logits of ``logit_rows`` rows."""
     h, i, k = cfg.hidden_size, cfg.intermediate_size, cfg.experts_per_token
     per_token_layer = 4 * h + 2 * cfg.q_size + 2 * cfg.kv_size + k * (2 * i + i + h)
-    return int(2 * (cfg.num_layers * tokens * per_token_layer * dtype_bytes + logit_rows * cfg.vocab_size * 4))
+    return int(2 * (cfg.num_hidden_layers * tokens * per_token_layer * dtype_bytes + logit_rows * cfg.vocab_size * 4))
 
 
 def kv_bytes(cfg, batch: int, positions: int, context: int, dtype_bytes: int = 2) -> int:
     """k and v of ``positions`` positions per row that one step reads: sliding layers min(positions,
     window) slots, full layers ``positions`` (at most the context)."""
-    per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    per_slot = 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
     positions = min(positions, context)
     return sum(batch * per_slot * (min(positions, cfg.window(l)) if cfg.window(l) else positions)
-               for l in range(cfg.num_layers))
+               for l in range(cfg.num_hidden_layers))
 
 
 def ideal_bytes(cfg, part: str, batch: int, tokens: int, context: int, trainable: int = 0) -> dict:

@@ -84,7 +84,7 @@ def main() -> None:
 
     cfg = PRESETS[args.preset]
     if args.layers:
-        cfg = cfg.replace(num_layers=args.layers, layer_types=None)
+        cfg = cfg.replace(num_hidden_layers=args.layers, layer_types=None)
     name = args.preset + (f" ({args.layers} layers)" if args.layers else "")
     src, dst, out = (os.path.join(args.workdir, n) for n in ("official", "converted", "exported"))
     shutil.rmtree(args.workdir, ignore_errors=True)

@@ -33,7 +33,7 @@ from gptoss_jax.checkpoint.shapes import abstract_model, flat_paths
 #: 4 layers of width 512 with the real vocabulary and 32 experts top-4 (~310M parameters, 206M of
 #: them in the embedding and unembedding), small enough for transformers on two CPU cores.
 #: ``--layers`` changes the depth (24 = gpt-oss-20b's).
-SMALL = GptOssConfig(num_layers=4, hidden_size=512, intermediate_size=512, num_heads=8, num_kv_heads=2, head_dim=64,
+SMALL = GptOssConfig(num_hidden_layers=4, hidden_size=512, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                      num_experts=32, experts_per_token=4, vocab_size=201088)
 
 
@@ -49,7 +49,7 @@ def cpu_part(args) -> list[str]:
     torch.set_num_threads(os.cpu_count())
     dtype = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}[args.dtype]
     p, n = args.prompt, args.new
-    cfg = SMALL.replace(num_layers=args.layers, layer_types=None)
+    cfg = SMALL.replace(num_hidden_layers=args.layers, layer_types=None)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(os.path.join(tmp, "small"), cfg, seed=0)
@@ -92,7 +92,7 @@ def cpu_part(args) -> list[str]:
             rows.append(f"| {batch} | {hf_t[0]:.0f} | {us_t[0]:.0f} | {us_t[0] / hf_t[0]:.1f}x | {hf_t[1]:.1f} | "
                         f"{us_t[1]:.1f} | {us_t[1] / hf_t[1]:.1f}x | {agree:.3f} |")
             print(rows[-1], flush=True)
-    header = [f"small preset, {cfg.num_layers} layers ({args.dtype}, {p}-token prompts, {n} new tokens, greedy; {platform.processor() or platform.machine()}, "
+    header = [f"small preset, {cfg.num_hidden_layers} layers ({args.dtype}, {p}-token prompts, {n} new tokens, greedy; {platform.processor() or platform.machine()}, "
               f"{os.cpu_count()} cores; best of {args.repeats} interleaved runs; our prefill_chunk (tokens per prefill call) min(1024, batch x prompt); prefill = time to first token, decode = (time for all - time to first) / (tokens - 1))", "",
               "| batch | prefill tok/s transformers | prefill tok/s ours | ratio | decode tok/s transformers | "
               "decode tok/s ours | ratio | same tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -168,7 +168,7 @@ def cost_part(args) -> list[str]:
     for name in ("gpt-oss-20b", "gpt-oss-120b"):
         cfg = PRESETS[name]
         ring = cache_bytes(cfg, 1, 131072)
-        full = cache_bytes(cfg.replace(layer_types=("full_attention",) * cfg.num_layers), 1, 131072)
+        full = cache_bytes(cfg.replace(layer_types=("full_attention",) * cfg.num_hidden_layers), 1, 131072)
         rows.append(f"| {name} | {ring / 2**30:.2f} GiB ({ring:,} B) | {full / 2**30:.2f} GiB | {ring / full:.3f} |")
     return rows
 
@@ -177,7 +177,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["cpu", "cost", "all"], default="all")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--layers", type=int, default=SMALL.num_layers, help="depth of the small preset")
+    parser.add_argument("--layers", type=int, default=SMALL.num_hidden_layers, help="depth of the small preset")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
     parser.add_argument("--new", type=int, default=64, help="generated tokens per request")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])

@@ -39,7 +39,7 @@ def main() -> None:
         ours = gptoss_jax.load(path, dtype=jnp.float32)
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.tokens))
         names = []
-        for i in range(cfg.num_layers):
+        for i in range(cfg.num_hidden_layers):
             names += [f"model.layers.{i}.{m}" for m in
                       ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp.router", "mlp.experts")]
         with capture(ref, names) as rec:

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     import gptoss_jax
     from convert.synthetic import write_random_checkpoint
 
-    cfg = SMALL.replace(num_layers=args.layers, layer_types=None)
+    cfg = SMALL.replace(num_hidden_layers=args.layers, layer_types=None)
     rng = np.random.default_rng(0)
     shared = rng.integers(0, 200000, args.shared).tolist()
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 #: A small gpt-oss (every mechanism of the real one: sinks, sliding window, YaRN, 16 experts top-4).
-SMALL = dict(num_layers=4, hidden_size=512, intermediate_size=512, num_heads=8, num_kv_heads=2, head_dim=64,
+SMALL = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
              num_experts=16, experts_per_token=4, vocab_size=32768, sliding_window=128,
              initial_context_length=4096, eos_token_ids=(2,), pad_token_id=0, bos_token_id=1)
 RANK, ALPHA = 8, 16.0

@@ -26,6 +26,11 @@ ORIGINAL_KEYS = (
     "sliding_window", "initial_context_length", "rope_theta", "rope_scaling_factor",
     "rope_ntk_alpha", "rope_ntk_beta",
 )
+_FLOAT_FIELDS = ("swiglu_limit", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta")
+#: field names of folders converted before our fields took the original keys (read, never written)
+_RENAMED = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads", "rope_beta_fast": "rope_ntk_beta",
+            "rope_beta_slow": "rope_ntk_alpha"}
 
 
 class ConfigError(ValueError):
@@ -34,13 +39,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class GptOssConfig:
-    """gpt-oss hyper-parameters. Shapes: q width = num_heads*head_dim, experts [E, 2I, H] etc."""
+    """gpt-oss hyper-parameters. Shapes: q width = num_attention_heads*head_dim, experts [E, 2I, H] etc."""
 
-    num_layers: int
+    num_hidden_layers: int
     hidden_size: int
     intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
+    num_attention_heads: int
+    num_key_value_heads: int
     head_dim: int
     num_experts: int
     experts_per_token: int
@@ -48,8 +53,8 @@ class GptOssConfig:
     sliding_window: int = 128
     rope_theta: float = 150000.0
     rope_scaling_factor: float = 32.0
-    rope_beta_fast: float = 32.0  # original/config.json: rope_ntk_beta
-    rope_beta_slow: float = 1.0  # original/config.json: rope_ntk_alpha
+    rope_ntk_beta: float = 32.0  # YaRN beta_fast (transformers: rope_scaling.beta_fast)
+    rope_ntk_alpha: float = 1.0  # YaRN beta_slow (transformers: rope_scaling.beta_slow)
     initial_context_length: int = 4096
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
@@ -62,7 +67,7 @@ class GptOssConfig:
     def __post_init__(self):
         if self.layer_types is None:
             object.__setattr__(
-                self, "layer_types", tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_layers))
+                self, "layer_types", tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers))
             )
         else:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -72,11 +77,11 @@ class GptOssConfig:
     # ---------------------------------------------------------------- derived
     @property
     def q_size(self) -> int:
-        return self.num_heads * self.head_dim
+        return self.num_attention_heads * self.head_dim
 
     @property
     def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
+        return self.num_key_value_heads * self.head_dim
 
     @property
     def max_position_embeddings(self) -> int:
@@ -102,21 +107,21 @@ class GptOssConfig:
         def bad(field, msg):
             raise ConfigError(f"{source}: field '{field}' {msg}")
 
-        for f in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+        for f in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                   "head_dim", "num_experts", "experts_per_token", "vocab_size", "sliding_window",
                   "initial_context_length"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(f, f"must be a positive integer, got {v!r}")
-        for f in ("rope_theta", "rope_scaling_factor", "rope_beta_fast", "rope_beta_slow",
+        for f in ("rope_theta", "rope_scaling_factor", "rope_ntk_beta", "rope_ntk_alpha",
                   "swiglu_limit", "swiglu_alpha", "rms_norm_eps"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 bad(f, f"must be a positive finite number, got {v!r}")
         if self.rope_scaling_factor < 1:
             bad("rope_scaling_factor", f"must be >= 1, got {self.rope_scaling_factor}")
-        if self.num_heads % self.num_kv_heads:
-            bad("num_heads", f"({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_attention_heads", f"({self.num_attention_heads}) must be a multiple of num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             bad("head_dim", f"must be even for rotary embeddings, got {self.head_dim}")
         for f in ("hidden_size", "intermediate_size"):
@@ -124,8 +129,8 @@ class GptOssConfig:
                 bad(f, f"must be a multiple of 32 (MXFP4 block size), got {getattr(self, f)}")
         if self.experts_per_token > self.num_experts:
             bad("experts_per_token", f"({self.experts_per_token}) exceeds num_experts ({self.num_experts})")
-        if len(self.layer_types) != self.num_layers:
-            bad("layer_types", f"has {len(self.layer_types)} entries, expected num_layers={self.num_layers}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            bad("layer_types", f"has {len(self.layer_types)} entries, expected num_hidden_layers={self.num_hidden_layers}")
         for t in self.layer_types:
             if t not in (SLIDING, FULL):
                 bad("layer_types", f"entry {t!r} is not '{SLIDING}' or '{FULL}'")
@@ -160,11 +165,11 @@ class GptOssConfig:
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         try:
             cfg = cls(
-                num_layers=_req(d, "num_hidden_layers", source),
+                num_hidden_layers=_req(d, "num_hidden_layers", source),
                 hidden_size=_req(d, "hidden_size", source),
                 intermediate_size=_req(d, "intermediate_size", source),
-                num_heads=_req(d, "num_attention_heads", source),
-                num_kv_heads=_req(d, "num_key_value_heads", source),
+                num_attention_heads=_req(d, "num_attention_heads", source),
+                num_key_value_heads=_req(d, "num_key_value_heads", source),
                 head_dim=d.get("head_dim") or _req(d, "hidden_size", source) // _req(d, "num_attention_heads", source),
                 num_experts=d.get("num_local_experts", d.get("num_experts")) or _req(d, "num_local_experts", source),
                 experts_per_token=d.get("num_experts_per_tok", d.get("experts_per_token")) or _req(d, "num_experts_per_tok", source),
@@ -172,8 +177,8 @@ class GptOssConfig:
                 sliding_window=d.get("sliding_window") or 128,
                 rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 150000.0))),
                 rope_scaling_factor=float(factor),
-                rope_beta_fast=float(rope.get("beta_fast", 32.0)),
-                rope_beta_slow=float(rope.get("beta_slow", 1.0)),
+                rope_ntk_beta=float(rope.get("beta_fast", 32.0)),
+                rope_ntk_alpha=float(rope.get("beta_slow", 1.0)),
                 initial_context_length=int(orig),
                 swiglu_limit=float(d.get("swiglu_limit", 7.0)),
                 swiglu_alpha=float(d.get("swiglu_alpha", 1.702)),
@@ -208,17 +213,8 @@ class GptOssConfig:
                     "initial_context_length": 4096, "rope_theta": 150000.0, "rope_scaling_factor": 32.0,
                     "rope_ntk_alpha": 1.0, "rope_ntk_beta": 32.0}
         g = {**defaults, **d}
-        try:
-            return cls(
-                num_layers=g["num_hidden_layers"], hidden_size=g["hidden_size"],
-                intermediate_size=g["intermediate_size"], num_heads=g["num_attention_heads"],
-                num_kv_heads=g["num_key_value_heads"], head_dim=g["head_dim"], num_experts=g["num_experts"],
-                experts_per_token=g["experts_per_token"], vocab_size=g["vocab_size"],
-                sliding_window=g["sliding_window"], rope_theta=float(g["rope_theta"]),
-                rope_scaling_factor=float(g["rope_scaling_factor"]), rope_beta_fast=float(g["rope_ntk_beta"]),
-                rope_beta_slow=float(g["rope_ntk_alpha"]), initial_context_length=g["initial_context_length"],
-                swiglu_limit=float(g["swiglu_limit"]),
-            )
+        try:  # our field names are the original keys: nothing to translate
+            return cls(**{k: float(v) if k in _FLOAT_FIELDS and type(v) is int else v for k, v in g.items()})
         except ConfigError as e:
             raise ConfigError(str(e).replace("config:", f"{source}:", 1)) from None
 
@@ -232,11 +228,11 @@ class GptOssConfig:
             "initial_context_length": self.initial_context_length, "initializer_range": 0.02,
             "intermediate_size": self.intermediate_size, "layer_types": list(self.layer_types),
             "max_position_embeddings": self.max_position_embeddings, "model_type": "gpt_oss",
-            "num_attention_heads": self.num_heads, "num_experts_per_tok": self.experts_per_token,
-            "num_hidden_layers": self.num_layers, "num_key_value_heads": self.num_kv_heads,
+            "num_attention_heads": self.num_attention_heads, "num_experts_per_tok": self.experts_per_token,
+            "num_hidden_layers": self.num_hidden_layers, "num_key_value_heads": self.num_key_value_heads,
             "num_local_experts": self.num_experts, "output_router_logits": False,
             "pad_token_id": self.pad_token_id, "rms_norm_eps": self.rms_norm_eps,
-            "rope_scaling": {"beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow,
+            "rope_scaling": {"beta_fast": self.rope_ntk_beta, "beta_slow": self.rope_ntk_alpha,
                              "factor": self.rope_scaling_factor,
                              "original_max_position_embeddings": self.initial_context_length,
                              "rope_type": "yarn", "truncate": False},
@@ -257,16 +253,7 @@ class GptOssConfig:
         return d
 
     def to_original_dict(self) -> dict[str, Any]:
-        return {
-            "num_hidden_layers": self.num_layers, "num_experts": self.num_experts,
-            "experts_per_token": self.experts_per_token, "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-            "swiglu_limit": self.swiglu_limit, "head_dim": self.head_dim,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "sliding_window": self.sliding_window, "initial_context_length": self.initial_context_length,
-            "rope_theta": self.rope_theta, "rope_scaling_factor": self.rope_scaling_factor,
-            "rope_ntk_alpha": self.rope_beta_slow, "rope_ntk_beta": self.rope_beta_fast,
-        }
+        return {k: getattr(self, k) for k in ORIGINAL_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
         """Our own field names (stored next to converted checkpoints)."""
@@ -277,6 +264,7 @@ class GptOssConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "GptOssConfig":
+        d = {_RENAMED.get(k, k): v for k, v in d.items()}
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -298,8 +286,8 @@ def _req(d: dict, key: str, source: str):
 def yarn_correction_range(cfg: GptOssConfig) -> tuple[float, float]:
     """YaRN (low, high) frequency-index range, unrounded (transformers ``truncate: false``)."""
     d_half = cfg.head_dim / 2
-    low = d_half * math.log(cfg.initial_context_length / (cfg.rope_beta_fast * 2 * math.pi)) / math.log(cfg.rope_theta)
-    high = d_half * math.log(cfg.initial_context_length / (cfg.rope_beta_slow * 2 * math.pi)) / math.log(cfg.rope_theta)
+    low = d_half * math.log(cfg.initial_context_length / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(cfg.rope_theta)
+    high = d_half * math.log(cfg.initial_context_length / (cfg.rope_ntk_alpha * 2 * math.pi)) / math.log(cfg.rope_theta)
     return low, high
 
 
@@ -320,23 +308,23 @@ def read_config_file(path: str | os.PathLike) -> GptOssConfig:
     return GptOssConfig.from_original_dict(d, source=path)
 
 
-_REAL = dict(hidden_size=2880, intermediate_size=2880, num_heads=64, num_kv_heads=8, head_dim=64,
+_REAL = dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
              experts_per_token=4, vocab_size=201088)
 
 #: Named presets. The tiny ones have pairwise-distinct dimensions so a swapped axis cannot pass a test,
 #: and a YaRN correction range that lies inside the head so YaRN is really exercised.
 PRESETS: dict[str, GptOssConfig] = {
-    "gpt-oss-20b": GptOssConfig(num_layers=24, num_experts=32, **_REAL),
-    "gpt-oss-120b": GptOssConfig(num_layers=36, num_experts=128, **_REAL),
+    "gpt-oss-20b": GptOssConfig(num_hidden_layers=24, num_experts=32, **_REAL),
+    "gpt-oss-120b": GptOssConfig(num_hidden_layers=36, num_experts=128, **_REAL),
     "tiny": GptOssConfig(
-        num_layers=3, hidden_size=96, intermediate_size=64, num_heads=6, num_kv_heads=2, head_dim=20,
+        num_hidden_layers=3, hidden_size=96, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=20,
         num_experts=16, experts_per_token=4, vocab_size=1024, sliding_window=8,
         initial_context_length=256, rope_scaling_factor=4.0,
         eos_token_ids=(2,), pad_token_id=0, bos_token_id=1,  # no harmony vocabulary at this size
     ),
     # tiny with the real o200k_harmony vocabulary: the embedded end-to-end demo (tokenizer, chat, server).
     "tiny-harmony": GptOssConfig(
-        num_layers=3, hidden_size=96, intermediate_size=64, num_heads=6, num_kv_heads=2, head_dim=20,
+        num_hidden_layers=3, hidden_size=96, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2, head_dim=20,
         num_experts=16, experts_per_token=4, vocab_size=201088, sliding_window=8,
         initial_context_length=256, rope_scaling_factor=4.0,
     ),

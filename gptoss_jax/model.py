@@ -51,7 +51,7 @@ class GptOss(nnx.Module):
         v, h = cfg.vocab_size, cfg.hidden_size
         self.embedding = param(jax.random.normal(rngs.params(), (v, h)).astype(dtype), ("vocab", "embed"))
         self.layers = nnx.List([Block(cfg, i, dtype=dtype, experts=experts, rngs=rngs)
-                                for i in range(cfg.num_layers)])
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         self.unembedding = param((0.02 * jax.random.normal(rngs.params(), (v, h))).astype(dtype), ("vocab", "embed"))
 

@@ -75,7 +75,7 @@ def reference_run(hf_reference, tiny_cfg):
     mask = np.ones_like(tokens)
     mask[1, :9] = 0  # row 1 is left-padded
     names = ["model.rotary_emb", "model.norm"]
-    for i in range(tiny_cfg.num_layers):
+    for i in range(tiny_cfg.num_hidden_layers):
         names += [f"model.layers.{i}.{m}" for m in
                   ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp.router", "mlp.experts")]
     with capture(hf_reference, names) as records:

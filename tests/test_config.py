@@ -19,9 +19,9 @@ ORIGINAL_20B = {"num_hidden_layers": 24, "num_experts": 32, "experts_per_token":
 
 def test_tiny_dimensions_are_pairwise_distinct():
     c = PRESETS["tiny"]
-    dims = {"hidden": c.hidden_size, "intermediate": c.intermediate_size, "heads": c.num_heads,
-            "kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "experts": c.num_experts, "vocab": c.vocab_size,
-            "q_size": c.q_size, "kv_size": c.kv_size, "window": c.sliding_window, "layers": c.num_layers}
+    dims = {"hidden": c.hidden_size, "intermediate": c.intermediate_size, "heads": c.num_attention_heads,
+            "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim, "experts": c.num_experts, "vocab": c.vocab_size,
+            "q_size": c.q_size, "kv_size": c.kv_size, "window": c.sliding_window, "layers": c.num_hidden_layers}
     for (a, x), (b, y) in itertools.combinations(dims.items(), 2):
         assert x != y, f"{a} == {b} == {x}"
     assert c.experts_per_token < c.num_experts
@@ -31,7 +31,7 @@ def test_original_config_reads_with_the_alpha_beta_swap():
     cfg = GptOssConfig.from_original_dict(ORIGINAL_20B)
     assert cfg == PRESETS["gpt-oss-20b"]
     swapped = GptOssConfig.from_original_dict({**ORIGINAL_20B, "rope_ntk_alpha": 2.0})
-    assert swapped.rope_beta_slow == 2.0 and swapped.rope_beta_fast == 32.0
+    assert swapped.rope_ntk_alpha == 2.0 and swapped.rope_ntk_beta == 32.0
     assert GptOssConfig.from_original_dict(cfg.to_original_dict()) == cfg
 
 
@@ -54,7 +54,7 @@ def test_read_config_file_detects_the_variant(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"hidden_size": 100}, "hidden_size"),
-    ({"num_key_value_heads": 7}, "num_heads"),
+    ({"num_key_value_heads": 7}, "num_attention_heads"),
     ({"num_experts_per_tok": 40}, "experts_per_token"),
     ({"vocab_size": -1}, "vocab_size"),
     ({"model_type": "llama"}, "model_type"),
@@ -83,3 +83,21 @@ def test_bad_original_config(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset"):
         from gptoss_jax.config import get_preset
         get_preset("gpt-oss-7b")
+
+
+def test_field_names_are_the_original_keys():
+    """Our config speaks original/config.json: its keys are our field names, read and written as is."""
+    cfg = PRESETS["gpt-oss-120b"]
+    assert cfg.to_original_dict() == {k: getattr(cfg, k) for k in ORIGINAL_20B}
+    assert GptOssConfig.from_original_dict({**ORIGINAL_20B, "num_hidden_layers": 36, "num_experts": 128}) == cfg
+
+
+def test_our_stored_config_reads_the_names_used_before_the_rename():
+    """Folders converted before the fields took the original keys still load (same config)."""
+    cfg = PRESETS["tiny"]
+    d = cfg.to_dict()
+    old = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+           "num_key_value_heads": "num_kv_heads", "rope_ntk_beta": "rope_beta_fast", "rope_ntk_alpha": "rope_beta_slow"}
+    assert GptOssConfig.from_dict({old.get(k, k): v for k, v in d.items()}) == cfg
+    with pytest.raises(ConfigError, match="num_layerz"):
+        GptOssConfig.from_dict({**d, "num_layerz": 3})

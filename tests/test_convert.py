@@ -114,7 +114,7 @@ def test_converted_folder_contents(tiny_hf, tiny_converted, tiny_cfg):
     assert marker["source"]["layout"] == "transformers" and marker["source"]["tensors"] == 60
     assert set(marker["params"]) == set(param_shapes(tiny_cfg))
     assert sorted(os.listdir(os.path.join(tiny_converted, PARAMS))) == sorted(
-        ["embedding", "norm", "unembedding", *(f"layers.{i}" for i in range(tiny_cfg.num_layers))])
+        ["embedding", "norm", "unembedding", *(f"layers.{i}" for i in range(tiny_cfg.num_hidden_layers))])
     assert marker["files"] == ["generation_config.json"]
     with open(os.path.join(tiny_converted, "generation_config.json")) as a, \
             open(os.path.join(tiny_hf, "generation_config.json")) as b:

@@ -309,7 +309,7 @@ def test_sliding_layers_keep_a_ring_halving_the_cache():
     """Cache bytes of gpt-oss-20b at 131072 positions: 12 full layers of the context plus 12 rings of
     128 slots, about half of 24 full-length caches."""
     cfg = gptoss_jax.PRESETS["gpt-oss-20b"]
-    per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * 2 + 4  # k + v (bf16) + position (int32)
+    per_slot = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 + 4  # k + v (bf16) + position (int32)
     assert cache_bytes(cfg, 1, 131072) == 12 * 131072 * per_slot + 12 * 128 * per_slot
     assert cache_bytes(cfg, 1, 131072) / (24 * 131072 * per_slot) == pytest.approx(0.5, abs=0.001)
 

@@ -175,7 +175,7 @@ def _expert_leaves(state) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
 def test_expert_bytes_per_device(experts, spec, rules, tiny_hf, tiny_cfg):
     model = gptoss_jax.load(tiny_hf, dtype=jnp.bfloat16, experts=experts, mesh=mesh_from_spec(spec), rules=rules)
     leaves = _expert_leaves(nnx.state(model))
-    assert len(leaves) == tiny_cfg.num_layers * (6 if experts == "mxfp4" else 4)
+    assert len(leaves) == tiny_cfg.num_hidden_layers * (6 if experts == "mxfp4" else 4)
     total = sum(a.nbytes for a in leaves.values())
     per_device = {d: 0 for d in jax.devices()}
     for a in leaves.values():
@@ -224,7 +224,7 @@ def test_expert_weights_stay_in_the_shard_map_body(experts, batch, path, tiny_hf
         if name in collectives:
             assert not shapes & (local | full), f"expert weights moved by {name}"
         reads += name == "gather" and bool(shapes & local)
-    assert bodies == tiny_cfg.num_layers and reads > 0
+    assert bodies == tiny_cfg.num_hidden_layers and reads > 0
     assert (("scan", True) in names) == (path == "grouped")  # the block-grouped matmul scans over blocks
 
 

@@ -135,7 +135,7 @@ def rows(cfg: GptOssConfig):
     """Every (ours, transformers, original, transform) row, with the layer index filled in."""
     for ours, hf, orig, kind in GLOBAL_TABLE:
         yield ours, hf, orig, kind
-    for n in range(cfg.num_layers):
+    for n in range(cfg.num_hidden_layers):
         for ours, hf, orig, kind in LAYER_TABLE:
             yield (f"layers.{n}.{ours}", _HF_LAYER_PREFIX.format(i=n) + hf,
                    _ORIG_LAYER_PREFIX.format(i=n) + orig, kind)

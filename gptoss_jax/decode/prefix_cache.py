@@ -59,11 +59,11 @@ class PrefixCache:
         if block >= runner.context:
             raise ValueError(f"prefix cache block {block} must be smaller than the context {runner.context}")
         self.block, self.blocks = block, blocks
-        self.sliding = tuple(cfg.window(i) > 0 for i in range(cfg.num_layers))
+        self.sliding = tuple(cfg.window(i) > 0 for i in range(cfg.num_hidden_layers))
         self.pool = []
-        for i in range(cfg.num_layers):
+        for i in range(cfg.num_hidden_layers):
             size = cache_slots(cfg, i, runner.context) if self.sliding[i] else block
-            shape = (blocks, cfg.num_kv_heads, size, cfg.head_dim)
+            shape = (blocks, cfg.num_key_value_heads, size, cfg.head_dim)
             self.pool.append(PoolLayer(jnp.zeros(shape, runner.dtype), jnp.zeros(shape, runner.dtype),
                                        jnp.full((blocks, size), -1, jnp.int32)))
         self.max_blocks = (runner.context - 1) // block

@@ -1,6 +1,6 @@
 """Grouped-query attention with learned sinks, biases, YaRN RoPE and an optional sliding window.
 
-Query head ``h`` uses KV head ``h // (num_heads / num_kv_heads)``. Each head has one learned sink
+Query head ``h`` uses KV head ``h // (num_attention_heads / num_key_value_heads)``. Each head has one learned sink
 logit that joins the softmax denominator only: ``p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))``.
 Key ``j`` is visible to query ``i`` iff ``k_pos[j] >= 0``, ``k_pos[j] <= q_pos[i]`` and, for a window
 ``w > 0``, ``k_pos[j] > q_pos[i] - w`` (the window counts the query's own position).
@@ -123,7 +123,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: GptOssConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         self.window = cfg.window(layer)
         self.impl = "auto"
-        h, nq, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h, nq, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
         def normal(shape, axes, std=0.02):
             return param((std * jax.random.normal(rngs.params(), shape)).astype(dtype), axes)

@@ -32,9 +32,9 @@ def cache_slots(cfg: GptOssConfig, layer: int, context: int) -> int:
 def init_cache(cfg: GptOssConfig, batch: int, context: int, dtype=jnp.bfloat16) -> list[LayerCache]:
     """Empty caches for every layer, sized for sequences of up to ``context`` tokens."""
     caches = []
-    for layer in range(cfg.num_layers):
+    for layer in range(cfg.num_hidden_layers):
         s = cache_slots(cfg, layer, context)
-        shape = (batch, cfg.num_kv_heads, s, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, s, cfg.head_dim)
         caches.append(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                                  jnp.full((batch, s), -1, jnp.int32)))
     return caches
