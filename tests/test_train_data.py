@@ -177,7 +177,7 @@ def test_training_prompt_equals_what_serve_renders(enc, o200k_path, record_date)
     preparer = Preparer(o200k_path, context=4096, reasoning_effort="medium")
     body = {"model": "m", "messages": [{k: v for k, v in m.items() if k != "thinking"} for m in msgs[:-1]]}
     if record_date is None:
-        _, served = preparer.prepare(json.dumps(body).encode())
+        _, served = preparer.prepare_chat(json.dumps(body).encode())
     else:  # the API has no date field; serve's renderer with the same date
         served = preparer.fmt.render(body["messages"], reasoning_effort="medium", date=record_date)
     assert prompt == served

@@ -30,14 +30,14 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse(raw: bytes) -> tuple[dict, ChatCompletionRequest]:
-    """The body's JSON and the request it validates to; ApiError 400 otherwise."""
+def parse(raw: bytes, schema=ChatCompletionRequest):
+    """The body's JSON and the ``schema`` request it validates to; ApiError 400 otherwise."""
     try:
         obj = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN, nesting
         raise ApiError(400, f"The body is not valid JSON: {e}") from None
     try:
-        return obj, ChatCompletionRequest.model_validate(obj)
+        return obj, schema.model_validate(obj)
     except pydantic.ValidationError as e:
         raise validation_error(e.errors(include_url=False)) from None
 
@@ -87,24 +87,32 @@ def _field(message: str) -> str | None:
     return m.group() if m else None
 
 
+def check_unicode(obj) -> None:
+    if where := bad_unicode(obj):
+        raise ApiError(400, f"{where}: invalid Unicode (a lone surrogate; text must be valid UTF-16 in JSON)",
+                       param=where)
+
+
 class Preparer:
-    """The worker's handler: ``preparer(raw)`` -> ``("ok", request without messages/tools, prompt ids)``
-    or ``("error", status, error body)``."""
+    """The worker's handler: ``preparer((kind, raw))`` -> ``("ok", request, prompt ids)`` or
+    ``("error", status, error body)``; ``kind`` names the endpoint's method in :attr:`KINDS`."""
+
+    KINDS = {"chat": "prepare_chat"}
 
     def __init__(self, vocab: str | None, context: int, reasoning_effort: str):
         self.fmt, self.context, self.reasoning_effort = ChatFormat(vocab), context, reasoning_effort
 
-    def __call__(self, raw: bytes):
+    def __call__(self, payload: tuple[str, bytes]):
+        kind, raw = payload
         try:
-            return ("ok", *self.prepare(raw))
+            return ("ok", *getattr(self, self.KINDS[kind])(raw))
         except ApiError as e:
             return "error", e.status, e.body()
 
-    def prepare(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
+    def prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[int]]:
+        """A chat completion: the request without messages/tools and its rendered prompt."""
         obj, body = parse(raw)
-        if where := bad_unicode(obj):
-            raise ApiError(400, f"{where}: invalid Unicode (a lone surrogate; text must be valid UTF-16 in JSON)",
-                           param=where)
+        check_unicode(obj)
         try:
             if (least := least_tokens(body)) >= self.context:
                 raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the "

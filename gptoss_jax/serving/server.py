@@ -267,10 +267,11 @@ class Server:
                 "context": self.context, "requests_in_flight": len(self.live), "rendering": self.renderer.busy,
                 **self.counters, "engine": engine_status(self.engine)}
 
-    async def prepare(self, raw: bytes):
-        """The request and its prompt ids, from a render worker (ApiError for a bad request)."""
+    async def prepare(self, raw: bytes, kind: str = "chat"):
+        """The request and its prompt ids, from a render worker (:class:`Preparer`: ``kind`` names the
+        endpoint); ApiError for a bad request."""
         try:
-            result = await self.renderer.acall(raw)
+            result = await self.renderer.acall((kind, raw))
         except TimeoutError:
             raise ApiError(413, f"Rendering this request took longer than the server's {self.renderer.timeout:g} s "
                                 "budget: send a shorter one", code="render_timeout") from None
