@@ -97,7 +97,7 @@ class Preparer:
     """The worker's handler: ``preparer((kind, raw))`` -> ``("ok", request, prompt ids)`` or
     ``("error", status, error body)``; ``kind`` names the endpoint's method in :attr:`KINDS`."""
 
-    KINDS = {"chat": "prepare_chat"}
+    KINDS = {"chat": "prepare_chat", "completions": "prepare_completions"}
 
     def __init__(self, vocab: str | None, context: int, reasoning_effort: str):
         self.fmt, self.context, self.reasoning_effort = ChatFormat(vocab), context, reasoning_effort
@@ -124,3 +124,9 @@ class Preparer:
             raise ApiError(400, str(e), param=_field(str(e))) from None
         constrained = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
         return body.model_copy(update={"messages": [], "tools": body.tools if constrained else None}), prompt
+
+    def prepare_completions(self, raw: bytes):
+        """A text completion: :func:`gptoss_jax.serving.completions.prepare` (imported on first use)."""
+        from gptoss_jax.serving.completions import prepare
+
+        return prepare(raw, self.fmt.tokenizer, self.context)

@@ -392,6 +392,8 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     add_error_handlers(app)
     add_model_routes(app, server)
     add_chat_routes(app, server)
+    from gptoss_jax.serving.completions import add_completion_routes  # (it imports this module)
+    add_completion_routes(app, server)
     return app
 
 

@@ -1,0 +1,308 @@
+"""``POST /v1/completions``: OpenAI's legacy text completions (what lm-eval and other harnesses call).
+
+The prompt is raw text (or token ids), continued as is: no harmony rendering of the prompt and no
+harmony parsing of the output. Fields as OpenAI's: ``prompt`` (a string, a list of token ids, a list of
+strings or a list of token-id lists; choice ``index`` = prompt index * ``n`` + j), ``max_tokens``
+(default 16; 0 with ``echo`` scores the prompt only), ``stop`` (up to 4 strings), ``n``, ``echo``,
+``logprobs`` (0..5 alternatives per token), the sampling fields of :class:`Sampling`, ``stream``
+(+ ``stream_options.include_usage``); ``suffix`` and ``best_of`` (other than 1 or ``n``) are refused.
+
+Special tokens: a string prompt is encoded with every harmony special token recognised (the text
+``<|start|>`` is token 200006, as vLLM does), so harmony-formatted prompts reach the model as the model
+was trained on them; generated special tokens are returned as their text (``<|channel|>``...), except
+the stop token that ends the completion (``<|return|>``, ``<|call|>``), which is counted in usage but
+not returned. Token strings in ``logprobs`` that are not valid UTF-8 alone read ``bytes:\\xe6\\x9d``.
+
+Untrusted input is parsed, checked and tokenized by :func:`prepare` in the render workers
+(:class:`gptoss_jax.serving.prompts.Preparer`, kind ``"completions"``).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from pydantic import Field
+
+from gptoss_jax.serving.api import MAX_INT32, ApiError, Sampling
+from gptoss_jax.serving.prompts import MAX_TOKEN_BYTES, check_unicode, parse
+from gptoss_jax.serving.server import Server, StopStrings, _merge
+from gptoss_jax.tokenizer import HARMONY_SPECIAL_TOKENS, N_VOCAB, TextStream, encode_bounded
+
+#: OpenAI's defaults and bounds
+DEFAULT_MAX_TOKENS = 16
+MAX_LOGPROBS = 5
+MAX_STOPS = 4
+#: prompts x n at most in one request (each is one engine request)
+MAX_CHOICES = 128
+_SPECIAL = re.compile(r"<\|[a-z0-9_]+\|>")
+
+
+class CompletionRequest(Sampling):
+    """A text completion (see :class:`Refusing` for fields outside the schema)."""
+
+    NEUTRAL = {"suffix": lambda v: v in (None, "")}
+
+    model: str
+    prompt: Any  # checked by prompt_list (str | list[int] | list[str] | list[list[int]])
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0, le=MAX_INT32)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def unsupported(self):
+        best_of = (self.model_extra or {}).get("best_of")
+        if best_of not in (None, 1, self.n):  # best_of == n: every candidate is returned, as n alone
+            return "best_of", best_of
+        return super().unsupported()
+
+
+def _bad_prompt(message: str) -> ApiError:
+    return ApiError(400, f"prompt: {message}", param="prompt")
+
+
+def prompt_list(prompt) -> list[str | list[int]]:
+    """The prompts of a request's ``prompt`` (each a non-empty string or list of token ids); ApiError 400."""
+    def ids(value) -> bool:
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) or (ids(prompt) and prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (ids(p) and p) for p in prompt):
+        prompts = prompt
+    else:
+        raise _bad_prompt("expected a non-empty string, list of token ids, list of strings or list of token-id "
+                          f"lists, got {json.dumps(prompt)[:100]}")
+    for i, p in enumerate(prompts):
+        if p == "":
+            raise _bad_prompt("is empty" if len(prompts) == 1 else f"prompt {i} is empty")
+        if not isinstance(p, str) and (bad := next((t for t in p if not 0 <= t < N_VOCAB), None)) is not None:
+            raise _bad_prompt(f"token id {bad} is outside the vocabulary [0, {N_VOCAB})")
+    return prompts
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text, allowed_special="all")`` in linear time (:func:`encode_bounded` between the
+    harmony special tokens, which are recognised wherever they appear)."""
+    out, pos = [], 0
+    for m in _SPECIAL.finditer(text):
+        if (special := HARMONY_SPECIAL_TOKENS.get(m.group())) is not None:
+            out += encode_bounded(tokenizer, text[pos:m.start()]) + [special]
+            pos = m.end()
+    return out + encode_bounded(tokenizer, text[pos:])
+
+
+def too_long(context: int, n: int, least: bool = False) -> ApiError:
+    return ApiError(400, f"This model's maximum context length is {context} tokens, but the prompt takes "
+                         f"{'at least ' if least else ''}{n} tokens", param="prompt", code="context_length_exceeded")
+
+
+def prepare(raw: bytes, tokenizer, context: int) -> tuple[CompletionRequest, list[list[int]]]:
+    """Worker side: the validated request (without its prompt) and the ids of each prompt. A text of ``b``
+    UTF-8 bytes is at least ``b // MAX_TOKEN_BYTES`` tokens: one that cannot fit is refused untokenized."""
+    obj, body = parse(raw, CompletionRequest)
+    check_unicode(obj)
+    prompts = prompt_list(body.prompt)
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise _bad_prompt(f"{len(prompts)} prompts x n={body.n} is over this server's {MAX_CHOICES} choices")
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOPS:
+        raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(body.stop)}", param="stop")
+    out = []
+    for p in prompts:
+        if isinstance(p, str) and (least := len(p.encode("utf-8")) // MAX_TOKEN_BYTES) >= context:
+            raise too_long(context, least, least=True)
+        ids = encode(tokenizer, p) if isinstance(p, str) else p
+        if len(ids) >= context:
+            raise too_long(context, len(ids))
+        out.append(ids)
+    return body.model_copy(update={"prompt": None}), out
+
+
+def token_text(tokenizer, token: int) -> str:
+    """A token as a logprobs string: its text, or ``bytes:\\xNN...`` when it is not UTF-8 on its own."""
+    raw = tokenizer.decode_single_token_bytes(token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+class TextChoice:
+    """One generated text: the engine request, its incremental UTF-8 decoding (a character split over
+    tokens comes out whole), stop strings, and the legacy logprobs entries of its tokens.
+
+    echo: the prompt ids to prepend (as text), or None; logprobs: alternatives per token (None: no
+    logprobs); drop: max_tokens 0 (the engine's one token is neither counted nor returned).
+    """
+
+    def __init__(self, index: int, request, tokenizer, stops: list[str], *, echo: list[int] | None,
+                 logprobs: int | None, drop: bool = False):
+        self.index, self.request, self.tokenizer = index, request, tokenizer
+        self.k, self.echo, self.drop = logprobs, echo, drop
+        self.stops, self.decoder = StopStrings(stops), TextStream(tokenizer)
+        self.stop_ids = set(request.params.stop_token_ids)
+        self.text = ""  # returned so far: the echoed prompt, then the completion (cut at a stop string)
+        self.offset = 0  # characters decoded so far (before the stop-string cut): the next token's text_offset
+        self.entries: list[tuple[str, float | None, dict | None, int]] = []  # (token, logprob, top, offset)
+        self.sent = 0  # entries already streamed
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.cut = False  # ended by the server's shutdown: finish_reason "length"
+
+    def end(self) -> None:
+        """End generation now (shutdown): the text so far is returned with finish_reason "length"."""
+        self.cut = True
+        self.request.cancel()
+
+    async def deltas(self):
+        """Async iterator of text pieces (the echoed prompt first, once its logprobs are known); sets
+        ``finish_reason``."""
+        echoed = self.echo is None
+        async for token in self.request.aiter():
+            if not echoed:
+                echoed = True
+                yield self._echo()
+            if self.drop:
+                continue
+            self.tokens += 1
+            if token in self.stop_ids:  # ends the completion: counted, not returned
+                continue
+            if self.k is not None:
+                self.entries.append(self._entry(token, self.request.logprobs[self.tokens - 1], self.offset))
+            if text := self._add(self.decoder.push(token)):
+                yield text
+            if self.stops.hit:
+                self.request.cancel()
+                break
+        if not echoed:
+            yield self._echo()
+        if text := self._add(self.decoder.flush()) + self._keep(self.stops.flush()):
+            yield text
+        self.finish_reason = self._reason()
+
+    def _add(self, decoded: str) -> str:
+        self.offset += len(decoded)
+        return self._keep(self.stops.push(decoded))
+
+    def _keep(self, text: str) -> str:
+        self.text += text
+        return text
+
+    def _reason(self) -> str:
+        reason = "stop" if self.stops.hit else self.request.finish_reason
+        if reason == "error":
+            raise ApiError(500, "generation failed (see the server log)", type_="server_error")
+        if self.drop or (reason == "cancelled" and self.cut):
+            return "length"
+        return reason
+
+    def _echo(self) -> str:
+        """The prompt's text (and, with logprobs, its entries: the first token's logprob is null)."""
+        if self.k is None:
+            text = self.tokenizer.decode(self.echo, errors="replace")
+        else:
+            decoder, text = TextStream(self.tokenizer), ""
+            given = self.request.prompt_logprobs or [None]
+            for i, token in enumerate(self.echo):
+                scored = given[i] if i < len(given) else None  # None: the first token (nothing before it)
+                self.entries.append(self._entry(token, scored, len(text)) if scored
+                                    else (token_text(self.tokenizer, token), None, None, len(text)))
+                text += decoder.push(token)
+            text += decoder.flush()
+        self.offset = len(text)
+        return self._keep(text)
+
+    def _entry(self, token: int, logprob, offset: int) -> tuple:
+        """(token text, logprob, {text: logprob} of the top ``k`` and the token itself, text offset)."""
+        lp, top_ids, top_values = logprob
+        top = {}
+        for t, v in zip(top_ids[:self.k], top_values):
+            top.setdefault(token_text(self.tokenizer, t), v)
+        name = token_text(self.tokenizer, token)
+        top.setdefault(name, lp)
+        return name, lp, top, offset
+
+    def logprobs_json(self, new_only: bool = False) -> dict | None:
+        """OpenAI's legacy ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`` of the tokens
+        whose text is returned (those not yet streamed with ``new_only``), or None without logprobs."""
+        if self.k is None:
+            return None
+        end = self.sent if new_only else 0
+        if self.finish_reason is not None and not self.stops.hit:
+            end = len(self.entries)
+        while end < len(self.entries) and self.entries[end][3] < len(self.text):
+            end += 1
+        start = self.sent if new_only else 0
+        self.sent = max(self.sent, end)
+        tokens, lps, tops, offsets = zip(*self.entries[start:end]) if end > start else ((), (), (), ())
+        return {"tokens": list(tokens), "token_logprobs": list(lps), "top_logprobs": list(tops),
+                "text_offset": list(offsets)}
+
+    def json(self) -> dict:
+        return {"index": self.index, "text": self.text, "logprobs": self.logprobs_json(),
+                "finish_reason": self.finish_reason}
+
+
+def usage(prompts: list[list[int]], choices) -> dict:
+    p, n = sum(map(len, prompts)), sum(c.tokens for c in choices)
+    return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+
+
+def submit(server: Server, body: CompletionRequest, prompts: list[list[int]]) -> list[TextChoice]:
+    """``n`` engine requests per prompt; choice index = prompt index * n + j."""
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    scores = body.logprobs is not None
+    choices = []
+    try:
+        for i, prompt in enumerate(prompts):
+            server.check_length(prompt, "prompt")
+            for j in range(body.n):
+                index = i * body.n + j
+                params = server.sampling(body, index, body.max_tokens or 1)
+                request = server.engine.submit(prompt, params, logprobs=scores, prompt_logprobs=scores and body.echo)
+                choices.append(server.track(TextChoice(index, request, server.fmt.tokenizer, stops, logprobs=body.logprobs,
+                                                       echo=prompt if body.echo else None, drop=body.max_tokens == 0)))
+    except (ValueError, ApiError) as e:  # the engine refused the prompt
+        server.release(choices)
+        raise e if isinstance(e, ApiError) else ApiError(400, str(e), param="prompt") from None
+    return choices
+
+
+def add_completion_routes(app: FastAPI, server: Server) -> None:
+    """``/v1/completions``, streaming or not."""
+    @app.post("/v1/completions", dependencies=[Depends(server.authorize)])
+    async def completions(request: Request):
+        body, prompts = await server.prepare(await request.body(), "completions")
+        server.find_model(body.model)
+        if refused := body.unsupported():
+            name, value = refused
+            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
+                           param=name, code="unsupported_parameter")
+        choices = submit(server, body, prompts)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return server.streaming(completion_chunks(head, prompts, choices, include_usage), choices)
+        try:
+            await server.collect(request, choices)
+        finally:
+            server.release(choices)
+        return {**head, "object": "text_completion", "choices": [c.json() for c in choices],
+                "usage": usage(prompts, choices)}
+
+
+async def completion_chunks(head: dict, prompts: list[list[int]], choices: list[TextChoice], include_usage: bool):
+    """The text_completion chunks of a streamed completion: text pieces as they come, one final chunk per
+    choice (finish_reason), then the usage (``include_usage``)."""
+    def chunk(c: TextChoice, text: str, finish_reason=None) -> dict:
+        return {**head, "object": "text_completion", "choices": [
+            {"index": c.index, "text": text, "logprobs": c.logprobs_json(new_only=True), "finish_reason": finish_reason}]}
+
+    async for i, text in _merge([c.deltas() for c in choices]):
+        yield chunk(choices[i], text)
+    for c in choices:
+        yield chunk(c, "", c.finish_reason)
+    if include_usage:
+        yield {**head, "object": "text_completion", "choices": [], "usage": usage(prompts, choices)}
