@@ -72,6 +72,19 @@ def test_token_ids_equal_text(client, tokenizer):
     assert r.usage.prompt_tokens == 2 * len(ids) and r.usage.completion_tokens == 4 * text.usage.completion_tokens
     one = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
     assert one.choices[0].text == text.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt=[ids, PROMPT], max_tokens=6, temperature=0, stream=True))
+    texts = {}
+    for c in chunks:
+        texts[c.choices[0].index] = texts.get(c.choices[0].index, "") + c.choices[0].text
+    assert texts == {0: text.choices[0].text, 1: text.choices[0].text}
+
+
+@pytest.mark.parametrize("text", ["plain text", "<|start|>user<|message|>hi<|end|><|start|>assistant",
+                                  "<|endofprompt|> is text, <|reserved_200100|> is not", "<|start", "a" * 3000 + " b"])
+def test_encode_special_is_tiktokens_encode_all(tokenizer, text):
+    from gptoss_jax.tokenizer import encode_special
+
+    assert encode_special(tokenizer, text) == tokenizer.encode(text, allowed_special="all")
 
 
 def greedy_reference(ckpt, prompt: list[int], steps: int):
@@ -116,9 +129,10 @@ def test_echo_logprobs_are_the_models_log_softmax(client, served, tokenizer):
     assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(seq))]  # (all valid UTF-8 here)
     assert c.text == "".join(lp.tokens)
     scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=3)
-    assert (scored.choices[0].text, scored.choices[0].finish_reason, scored.usage.completion_tokens) == (PROMPT, "length", 0)
-    assert scored.choices[0].logprobs.tokens == lp.tokens[:len(ids)]
-    np.testing.assert_allclose(scored.choices[0].logprobs.token_logprobs[1:], lp.token_logprobs[1:len(ids)], atol=ATOL)
+    only = scored.choices[0]
+    assert (only.text, only.finish_reason, scored.usage.completion_tokens) == (PROMPT, "length", 0)
+    assert only.logprobs.tokens == lp.tokens[:len(ids)] and only.logprobs.token_logprobs[0] is None
+    np.testing.assert_allclose(only.logprobs.token_logprobs[1:], lp.token_logprobs[1:len(ids)], atol=ATOL)
 
 
 def test_streaming_equals_non_streaming(client, server):
@@ -169,7 +183,54 @@ def test_errors(client, server):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt=PROMPT)
     assert e.value.code == "model_not_found"
-    neutral = {"suffix": "", "best_of": 2, "n": 2, "user": "u1", "logit_bias": {"200006": -100}, "presence_penalty": 0.5}
+    neutral = {"suffix": "", "best_of": 2, "n": 2, "user": "u1", "logprobs": False, "logit_bias": {"200006": -100},
+               "presence_penalty": 0.5}
     assert post(server, {**base, **neutral}).status_code == 200
     assert_openai_error(httpx.post(f"{server}/v1/completions", content=json.dumps(base)), 401, code="invalid_api_key")
     wait_idle(server)
+
+
+class FixedRequest:
+    """Stands in for an engine Request: fixed ids (each with logprob -1, itself its only alternative)."""
+
+    def __init__(self, tokens, stop_ids=(200002,)):
+        self.tokens, self.finish_reason, self.cancelled = tokens, None, False
+        self.params = type("Params", (), {"stop_token_ids": stop_ids})
+        self.logprobs, self.prompt_logprobs = [(-1.0, [t], [-1.0]) for t in tokens], None
+
+    async def aiter(self):
+        for t in self.tokens:
+            if self.cancelled:
+                break
+            yield t
+        self.finish_reason = "cancelled" if self.cancelled else "stop"
+
+    def cancel(self):
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("stops", [[], ["京 i"]], ids=["no-stop", "stop"])
+def test_characters_split_over_tokens_come_out_whole(tokenizer, stops):
+    """'東京 is' as one token per UTF-8 byte, then <|return|>: no piece holds a broken character, the stop
+    token is not returned, logprobs name the lone bytes and offset them at their character."""
+    import asyncio
+
+    from gptoss_jax.serving.completions import TextChoice
+
+    text = "東京 is"
+    ids = [tokenizer.encode_single_token(bytes([b])) for b in text.encode()] + [200002]
+    choice = TextChoice(0, FixedRequest(ids), tokenizer, stops, echo=None, logprobs=0)
+
+    async def pieces():
+        return [p async for p in choice.deltas()]
+
+    got = asyncio.run(pieces())
+    want = text[:text.find(stops[0])] if stops else text
+    assert "".join(got) == choice.text == want and not any("\ufffd" in p for p in got)
+    assert choice.finish_reason == "stop"
+    assert choice.tokens == (len(ids) if not stops else 8)  # the stop string is complete at "i"
+    lp = choice.logprobs_json()
+    assert lp["tokens"][:3] == ["bytes:\\xe6", "bytes:\\x9d", "bytes:\\xb1"]
+    assert lp["text_offset"] == [0, 0, 0, 1, 1, 1, 2, 3, 4][:len(lp["tokens"])]
+    assert len(lp["tokens"]) == (len(ids) - 1 if not stops else 3)  # stop string: the tokens before it
+    assert lp["top_logprobs"][0] == {"bytes:\\xe6": -1.0}

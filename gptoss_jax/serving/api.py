@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: seeds are threefry keys of 63 bits (``SamplingParams.seed``); top_k and token counts fit int32
 MAX_SEED = 2**63 - 1
@@ -110,3 +110,36 @@ class ChatCompletionRequest(Sampling):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+#: legacy completions: OpenAI's default max_tokens and bounds
+DEFAULT_MAX_TOKENS = 16
+MAX_LOGPROBS = 5
+MAX_STOPS = 4
+
+
+class CompletionRequest(Sampling):
+    """A legacy text completion (see :class:`Refusing` for fields outside the schema); ``prompt`` is checked
+    in the render worker (:meth:`gptoss_jax.serving.prompts.Preparer.prepare_completions`)."""
+
+    NEUTRAL = {"suffix": lambda v: v in (None, "")}
+
+    model: str
+    prompt: Any  # str | list[int] | list[str] | list[list[int]] (prompts.prompt_list)
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0, le=MAX_INT32)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_bool(cls, value):
+        """``false`` (a chat-style client) is no logprobs; ``true`` is not a count."""
+        if value is True:
+            raise ValueError("expected the number of alternatives per token, 0 to 5, not true")
+        return None if value is False else value
+
+    def unsupported(self):
+        best_of = (self.model_extra or {}).get("best_of")
+        if best_of not in (None, 1, self.n):  # best_of == n: every candidate is returned, as n alone
+            return "best_of", best_of
+        return super().unsupported()

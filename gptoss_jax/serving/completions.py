@@ -4,7 +4,7 @@ The prompt is raw text (or token ids), continued as is: no harmony rendering of 
 harmony parsing of the output. Fields as OpenAI's: ``prompt`` (a string, a list of token ids, a list of
 strings or a list of token-id lists; choice ``index`` = prompt index * ``n`` + j), ``max_tokens``
 (default 16; 0 with ``echo`` scores the prompt only), ``stop`` (up to 4 strings), ``n``, ``echo``,
-``logprobs`` (0..5 alternatives per token), the sampling fields of :class:`Sampling`, ``stream``
+``logprobs`` (0..5 alternatives per token), the sampling fields of :class:`~gptoss_jax.serving.api.Sampling`, ``stream``
 (+ ``stream_options.include_usage``); ``suffix`` and ``best_of`` (other than 1 or ``n``) are refused.
 
 Special tokens: a string prompt is encoded with every harmony special token recognised (the text
@@ -13,111 +13,21 @@ was trained on them; generated special tokens are returned as their text (``<|ch
 the stop token that ends the completion (``<|return|>``, ``<|call|>``), which is counted in usage but
 not returned. Token strings in ``logprobs`` that are not valid UTF-8 alone read ``bytes:\\xe6\\x9d``.
 
-Untrusted input is parsed, checked and tokenized by :func:`prepare` in the render workers
-(:class:`gptoss_jax.serving.prompts.Preparer`, kind ``"completions"``).
+The request is parsed, checked and tokenized in the render workers
+(:meth:`gptoss_jax.serving.prompts.Preparer.prepare_completions`, schema
+:class:`gptoss_jax.serving.api.CompletionRequest`); this module holds the choices and the route.
 """
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from pydantic import Field
 
-from gptoss_jax.serving.api import MAX_INT32, ApiError, Sampling
-from gptoss_jax.serving.prompts import MAX_TOKEN_BYTES, check_unicode, parse
-from gptoss_jax.serving.server import Server, StopStrings, _merge
-from gptoss_jax.tokenizer import HARMONY_SPECIAL_TOKENS, N_VOCAB, TextStream, encode_bounded
-
-#: OpenAI's defaults and bounds
-DEFAULT_MAX_TOKENS = 16
-MAX_LOGPROBS = 5
-MAX_STOPS = 4
-#: prompts x n at most in one request (each is one engine request)
-MAX_CHOICES = 128
-_SPECIAL = re.compile(r"<\|[a-z0-9_]+\|>")
-
-
-class CompletionRequest(Sampling):
-    """A text completion (see :class:`Refusing` for fields outside the schema)."""
-
-    NEUTRAL = {"suffix": lambda v: v in (None, "")}
-
-    model: str
-    prompt: Any  # checked by prompt_list (str | list[int] | list[str] | list[list[int]])
-    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0, le=MAX_INT32)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-
-    def unsupported(self):
-        best_of = (self.model_extra or {}).get("best_of")
-        if best_of not in (None, 1, self.n):  # best_of == n: every candidate is returned, as n alone
-            return "best_of", best_of
-        return super().unsupported()
-
-
-def _bad_prompt(message: str) -> ApiError:
-    return ApiError(400, f"prompt: {message}", param="prompt")
-
-
-def prompt_list(prompt) -> list[str | list[int]]:
-    """The prompts of a request's ``prompt`` (each a non-empty string or list of token ids); ApiError 400."""
-    def ids(value) -> bool:
-        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-
-    if isinstance(prompt, str) or (ids(prompt) and prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (ids(p) and p) for p in prompt):
-        prompts = prompt
-    else:
-        raise _bad_prompt("expected a non-empty string, list of token ids, list of strings or list of token-id "
-                          f"lists, got {json.dumps(prompt)[:100]}")
-    for i, p in enumerate(prompts):
-        if p == "":
-            raise _bad_prompt("is empty" if len(prompts) == 1 else f"prompt {i} is empty")
-        if not isinstance(p, str) and (bad := next((t for t in p if not 0 <= t < N_VOCAB), None)) is not None:
-            raise _bad_prompt(f"token id {bad} is outside the vocabulary [0, {N_VOCAB})")
-    return prompts
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """``tokenizer.encode(text, allowed_special="all")`` in linear time (:func:`encode_bounded` between the
-    harmony special tokens, which are recognised wherever they appear)."""
-    out, pos = [], 0
-    for m in _SPECIAL.finditer(text):
-        if (special := HARMONY_SPECIAL_TOKENS.get(m.group())) is not None:
-            out += encode_bounded(tokenizer, text[pos:m.start()]) + [special]
-            pos = m.end()
-    return out + encode_bounded(tokenizer, text[pos:])
-
-
-def too_long(context: int, n: int, least: bool = False) -> ApiError:
-    return ApiError(400, f"This model's maximum context length is {context} tokens, but the prompt takes "
-                         f"{'at least ' if least else ''}{n} tokens", param="prompt", code="context_length_exceeded")
-
-
-def prepare(raw: bytes, tokenizer, context: int) -> tuple[CompletionRequest, list[list[int]]]:
-    """Worker side: the validated request (without its prompt) and the ids of each prompt. A text of ``b``
-    UTF-8 bytes is at least ``b // MAX_TOKEN_BYTES`` tokens: one that cannot fit is refused untokenized."""
-    obj, body = parse(raw, CompletionRequest)
-    check_unicode(obj)
-    prompts = prompt_list(body.prompt)
-    if len(prompts) * body.n > MAX_CHOICES:
-        raise _bad_prompt(f"{len(prompts)} prompts x n={body.n} is over this server's {MAX_CHOICES} choices")
-    if isinstance(body.stop, list) and len(body.stop) > MAX_STOPS:
-        raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(body.stop)}", param="stop")
-    out = []
-    for p in prompts:
-        if isinstance(p, str) and (least := len(p.encode("utf-8")) // MAX_TOKEN_BYTES) >= context:
-            raise too_long(context, least, least=True)
-        ids = encode(tokenizer, p) if isinstance(p, str) else p
-        if len(ids) >= context:
-            raise too_long(context, len(ids))
-        out.append(ids)
-    return body.model_copy(update={"prompt": None}), out
+from gptoss_jax.serving.api import DEFAULT_MAX_TOKENS, ApiError, CompletionRequest
+from gptoss_jax.serving.streams import StopStrings, merge
+from gptoss_jax.tokenizer import TextStream
 
 
 def token_text(tokenizer, token: int) -> str:
@@ -250,28 +160,32 @@ def usage(prompts: list[list[int]], choices) -> dict:
     return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
 
 
-def submit(server: Server, body: CompletionRequest, prompts: list[list[int]]) -> list[TextChoice]:
+def submit(server, body: CompletionRequest, prompts: list[list[int]]) -> list[TextChoice]:
     """``n`` engine requests per prompt; choice index = prompt index * n + j."""
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    scores = body.logprobs is not None
     choices = []
     try:
         for i, prompt in enumerate(prompts):
             server.check_length(prompt, "prompt")
             for j in range(body.n):
-                index = i * body.n + j
-                params = server.sampling(body, index, body.max_tokens or 1)
-                request = server.engine.submit(prompt, params, logprobs=scores, prompt_logprobs=scores and body.echo)
-                choices.append(server.track(TextChoice(index, request, server.fmt.tokenizer, stops, logprobs=body.logprobs,
-                                                       echo=prompt if body.echo else None, drop=body.max_tokens == 0)))
-    except (ValueError, ApiError) as e:  # the engine refused the prompt
+                choices.append(server.track(_choice(server, body, prompt, i * body.n + j, stops)))
+    except (ValueError, ApiError) as e:  # ValueError: the engine refused the prompt
         server.release(choices)
         raise e if isinstance(e, ApiError) else ApiError(400, str(e), param="prompt") from None
     return choices
 
 
-def add_completion_routes(app: FastAPI, server: Server) -> None:
-    """``/v1/completions``, streaming or not."""
+def _choice(server, body: CompletionRequest, prompt: list[int], index: int, stops: list[str]) -> TextChoice:
+    limit = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens  # (null: the default, as OpenAI)
+    scores = body.logprobs is not None
+    request = server.engine.submit(prompt, server.sampling(body, index, limit or 1), logprobs=scores,
+                                   prompt_logprobs=scores and body.echo)  # max_tokens 0: one token, dropped
+    return TextChoice(index, request, server.fmt.tokenizer, stops, logprobs=body.logprobs,
+                      echo=prompt if body.echo else None, drop=limit == 0)
+
+
+def add_completion_routes(app: FastAPI, server) -> None:
+    """``/v1/completions``, streaming or not, on ``server`` (a :class:`gptoss_jax.serving.server.Server`)."""
     @app.post("/v1/completions", dependencies=[Depends(server.authorize)])
     async def completions(request: Request):
         body, prompts = await server.prepare(await request.body(), "completions")
@@ -297,10 +211,11 @@ async def completion_chunks(head: dict, prompts: list[list[int]], choices: list[
     """The text_completion chunks of a streamed completion: text pieces as they come, one final chunk per
     choice (finish_reason), then the usage (``include_usage``)."""
     def chunk(c: TextChoice, text: str, finish_reason=None) -> dict:
-        return {**head, "object": "text_completion", "choices": [
-            {"index": c.index, "text": text, "logprobs": c.logprobs_json(new_only=True), "finish_reason": finish_reason}]}
+        choice = {"index": c.index, "text": text, "logprobs": c.logprobs_json(new_only=True),
+                  "finish_reason": finish_reason}
+        return {**head, "object": "text_completion", "choices": [choice]}
 
-    async for i, text in _merge([c.deltas() for c in choices]):
+    async for i, text in merge([c.deltas() for c in choices]):
         yield chunk(choices[i], text)
     for c in choices:
         yield chunk(c, "", c.finish_reason)

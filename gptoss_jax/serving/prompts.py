@@ -1,4 +1,5 @@
-"""A chat-completions request body (untrusted bytes) -> the validated request and its prompt ids.
+"""A chat-completions request body (untrusted bytes) -> the validated request and its prompt ids (text
+completions likewise: :meth:`Preparer.prepare_completions`).
 
 Runs in the server's render workers (:mod:`gptoss_jax.serving.workers`): parsing, validation, the
 cheap bounds below and harmony rendering never run on the event loop. In order:
@@ -20,10 +21,12 @@ import re
 import pydantic
 
 from gptoss_jax.harmony import ChatFormat, ChatFormatError, _text
-from gptoss_jax.serving.api import ApiError, ChatCompletionRequest, validation_error
+from gptoss_jax.serving.api import MAX_STOPS, ApiError, ChatCompletionRequest, CompletionRequest, validation_error
+from gptoss_jax.tokenizer import N_VOCAB, encode_special
 
 MAX_TOKEN_BYTES = 128  # the longest o200k_base token (tests check it)
 MESSAGE_TOKENS = 4     # <|start|>role<|message|>...<|end|>
+MAX_CHOICES = 128      # a completion's prompts x n at most (each is one engine request)
 
 
 def _no_constant(name: str):
@@ -93,6 +96,35 @@ def check_unicode(obj) -> None:
                        param=where)
 
 
+def bad_prompt(message: str) -> ApiError:
+    return ApiError(400, f"prompt: {message}", param="prompt")
+
+
+def prompt_list(prompt) -> list[str | list[int]]:
+    """The prompts of a request's ``prompt`` (each a non-empty string or list of token ids); ApiError 400."""
+    def ids(value) -> bool:
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str) or (ids(prompt) and prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or (ids(p) and p) for p in prompt):
+        prompts = prompt
+    else:
+        raise bad_prompt("expected a non-empty string, list of token ids, list of strings or list of token-id "
+                          f"lists, got {json.dumps(prompt)[:100]}")
+    for i, p in enumerate(prompts):
+        if p == "":
+            raise bad_prompt("is empty" if len(prompts) == 1 else f"prompt {i} is empty")
+        if not isinstance(p, str) and (bad := next((t for t in p if not 0 <= t < N_VOCAB), None)) is not None:
+            raise bad_prompt(f"token id {bad} is outside the vocabulary [0, {N_VOCAB})")
+    return prompts
+
+
+def too_long(context: int, n: int, least: bool = False) -> ApiError:
+    return ApiError(400, f"This model's maximum context length is {context} tokens, but the prompt takes "
+                         f"{'at least ' if least else ''}{n} tokens", param="prompt", code="context_length_exceeded")
+
+
 class Preparer:
     """The worker's handler: ``preparer((kind, raw))`` -> ``("ok", request, prompt ids)`` or
     ``("error", status, error body)``; ``kind`` names the endpoint's method in :attr:`KINDS`."""
@@ -125,8 +157,22 @@ class Preparer:
         constrained = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
         return body.model_copy(update={"messages": [], "tools": body.tools if constrained else None}), prompt
 
-    def prepare_completions(self, raw: bytes):
-        """A text completion: :func:`gptoss_jax.serving.completions.prepare` (imported on first use)."""
-        from gptoss_jax.serving.completions import prepare
-
-        return prepare(raw, self.fmt.tokenizer, self.context)
+    def prepare_completions(self, raw: bytes) -> tuple[CompletionRequest, list[list[int]]]:
+        """A text completion: the request (without its prompt) and the ids of each prompt, harmony special
+        tokens recognised (:func:`encode_special`); a text that cannot fit (step 3) is refused untokenized."""
+        obj, body = parse(raw, CompletionRequest)
+        check_unicode(obj)
+        prompts = prompt_list(body.prompt)
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise bad_prompt(f"{len(prompts)} prompts x n={body.n} is over this server's {MAX_CHOICES} choices")
+        if isinstance(body.stop, list) and len(body.stop) > MAX_STOPS:
+            raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings, got {len(body.stop)}", param="stop")
+        out = []
+        for p in prompts:
+            if isinstance(p, str) and (least := len(p.encode("utf-8")) // MAX_TOKEN_BYTES) >= self.context:
+                raise too_long(self.context, least, least=True)
+            ids = encode_special(self.fmt.tokenizer, p) if isinstance(p, str) else p
+            if len(ids) >= self.context:
+                raise too_long(self.context, len(ids))
+            out.append(ids)
+        return body.model_copy(update={"prompt": None}), out

@@ -31,7 +31,10 @@ from starlette.exceptions import HTTPException
 from gptoss_jax.harmony import ChatFormat, Delta
 from gptoss_jax.serving import constrain
 from gptoss_jax.serving.api import MAX_SEED, ApiError, ChatCompletionRequest, validation_error
+from gptoss_jax.serving.completions import add_completion_routes
 from gptoss_jax.serving.prompts import Preparer
+from gptoss_jax.serving.streams import StopStrings
+from gptoss_jax.serving.streams import merge as _merge
 from gptoss_jax.serving.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -44,31 +47,6 @@ DISCONNECT_POLL_S = 0.5
 MAX_REQUEST_BYTES = 8 << 20
 #: a body over the cap is still read (and discarded, up to this much) so the client sees the 413
 DRAIN_BYTES = 64 << 20
-
-
-class StopStrings:
-    """Cuts content at the first stop string, holding back text that may be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.held = ""
-        self.hit = False
-
-    def push(self, text: str) -> str:
-        if not self.stops or self.hit:
-            return "" if self.hit else text
-        text, self.held = self.held + text, ""
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.hit = True
-            return text[:cut]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        text, self.held = (text[:-keep], text[-keep:]) if keep else (text, "")
-        return text
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return "" if self.hit else held
 
 
 class Choice:
@@ -183,35 +161,6 @@ def delta_json(d: Delta) -> dict:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _merge(iterators):
-    """Interleave async iterators of (index, item) as items arrive."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i, it):
-        try:
-            async for item in it:
-                await queue.put((i, item))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, e))
-        await queue.put((i, done))
-
-    tasks = [asyncio.create_task(pump(i, it)) for i, it in enumerate(iterators)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
 
 
 class Server:
@@ -392,7 +341,6 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     add_error_handlers(app)
     add_model_routes(app, server)
     add_chat_routes(app, server)
-    from gptoss_jax.serving.completions import add_completion_routes  # (it imports this module)
     add_completion_routes(app, server)
     return app
 
