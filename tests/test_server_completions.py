@@ -127,7 +127,8 @@ def test_echo_logprobs_are_the_models_log_softmax(client, served, tokenizer):
         assert set(lp.top_logprobs[j]) == set(want) | {lp.tokens[j]}  # the top 3 and the token itself
         np.testing.assert_allclose([lp.top_logprobs[j][k] for k in want], list(want.values()), atol=ATOL)
     assert lp.text_offset == [len("".join(lp.tokens[:j])) for j in range(len(seq))]  # (all valid UTF-8 here)
-    assert c.text == "".join(lp.tokens)
+    assert c.text == "".join(lp.tokens[:len(lp.tokens) - (c.finish_reason == "stop")])  # not the stop token
+    assert len(lp.tokens) == len(ids) + r.usage.completion_tokens
     scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, logprobs=3)
     only = scored.choices[0]
     assert (only.text, only.finish_reason, scored.usage.completion_tokens) == (PROMPT, "length", 0)
@@ -176,7 +177,7 @@ def test_errors(client, server):
     assert_openai_error(post(server, {**base, "prompt": list(range(CONTEXT))}), 400, code="context_length_exceeded")
     assert_openai_error(post(server, {**base, "logprobs": 6}), 400, param="logprobs")
     assert_openai_error(post(server, {**base, "logprobs": -1}), 400, param="logprobs")
-    assert_openai_error(post(server, {**base, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop")
+    assert_openai_error(post(server, {**base, "stop": [str(i) for i in range(17)]}), 400, param="stop")
     for field, value in (("suffix", "tail"), ("best_of", 3)):  # would change the answer: refused, not ignored
         err = assert_openai_error(post(server, {**base, field: value}), 400, code="unsupported_parameter", param=field)
         assert field in err["message"]
@@ -212,7 +213,8 @@ class FixedRequest:
 @pytest.mark.parametrize("stops", [[], ["京 i"]], ids=["no-stop", "stop"])
 def test_characters_split_over_tokens_come_out_whole(tokenizer, stops):
     """'東京 is' as one token per UTF-8 byte, then <|return|>: no piece holds a broken character, the stop
-    token is not returned, logprobs name the lone bytes and offset them at their character."""
+    token is not in the text (but in logprobs), logprobs name the lone bytes and offset them at their
+    character."""
     import asyncio
 
     from gptoss_jax.serving.completions import TextChoice
@@ -231,6 +233,8 @@ def test_characters_split_over_tokens_come_out_whole(tokenizer, stops):
     assert choice.tokens == (len(ids) if not stops else 8)  # the stop string is complete at "i"
     lp = choice.logprobs_json()
     assert lp["tokens"][:3] == ["bytes:\\xe6", "bytes:\\x9d", "bytes:\\xb1"]
-    assert lp["text_offset"] == [0, 0, 0, 1, 1, 1, 2, 3, 4][:len(lp["tokens"])]
-    assert len(lp["tokens"]) == (len(ids) - 1 if not stops else 3)  # stop string: the tokens before it
+    assert lp["text_offset"] == [0, 0, 0, 1, 1, 1, 2, 3, 4, 5][:len(lp["tokens"])]
+    # every token (the stop token too, as vLLM: one entry per counted token); a stop string: those before it
+    assert lp["tokens"][3:] == (["bytes:\\xe4", "bytes:\\xba", "bytes:\\xac", " ", "i", "s", "<|return|>"]
+                                if not stops else [])
     assert lp["top_logprobs"][0] == {"bytes:\\xe6": -1.0}

@@ -112,10 +112,11 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
-#: legacy completions: OpenAI's default max_tokens and bounds
+#: legacy completions: OpenAI's default max_tokens and logprobs bound; stop strings: OpenAI allows 4, but
+#: lm-eval's local-completions sends a task's stop sequences plus the EOS text uncut (vLLM takes any number)
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 5
-MAX_STOPS = 4
+MAX_STOPS = 16
 
 
 class CompletionRequest(Sampling):
