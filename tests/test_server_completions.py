@@ -191,6 +191,24 @@ def test_errors(client, server):
     wait_idle(server)
 
 
+def test_disconnect_frees_the_slots(client, server):
+    """A client that leaves (mid-stream, or a non-streaming one timing out) has its requests cancelled."""
+    before = wait_idle(server)
+    body = {"model": MODEL, "prompt": [PROMPT, PROMPT], "stream": True, "max_tokens": CONTEXT, "temperature": 1.0}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: {"):  # the first chunk arrived: generation is under way
+            pass
+    assert wait_idle(server)["cancelled"] == before["cancelled"] + 2
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/completions", timeout=0.5, headers={"authorization": f"Bearer {KEY}"},
+                   json={**body, "stream": False})
+    assert wait_idle(server)["cancelled"] == before["cancelled"] + 4
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].finish_reason
+
+
 class FixedRequest:
     """Stands in for an engine Request: fixed ids (each with logprob -1, itself its only alternative)."""
 
