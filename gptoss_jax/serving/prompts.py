@@ -111,7 +111,7 @@ def prompt_list(prompt) -> list[str | list[int]]:
         prompts = prompt
     else:
         raise bad_prompt("expected a non-empty string, list of token ids, list of strings or list of token-id "
-                          f"lists, got {json.dumps(prompt)[:100]}")
+                         f"lists, got {json.dumps(prompt)[:100]}")
     for i, p in enumerate(prompts):
         if p == "":
             raise bad_prompt("is empty" if len(prompts) == 1 else f"prompt {i} is empty")
