@@ -175,6 +175,9 @@ def test_errors(client, server):
         client.completions.create(model=MODEL, prompt="word " * CONTEXT)
     assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
     assert_openai_error(post(server, {**base, "prompt": list(range(CONTEXT))}), 400, code="context_length_exceeded")
+    err = assert_openai_error(post(server, {**base, "prompt": "a" * 1_000_000}), 400, code="context_length_exceeded")
+    assert "at least" in err["message"]  # refused by the byte bound, untokenized
+    assert_openai_error(post(server, {**base, "prompt": [PROMPT] * 65, "n": 2}), 400, param="prompt")  # > 128 choices
     assert_openai_error(post(server, {**base, "logprobs": 6}), 400, param="logprobs")
     assert_openai_error(post(server, {**base, "logprobs": -1}), 400, param="logprobs")
     assert_openai_error(post(server, {**base, "stop": [str(i) for i in range(17)]}), 400, param="stop")
