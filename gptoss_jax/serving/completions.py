@@ -3,15 +3,18 @@
 The prompt is raw text (or token ids), continued as is: no harmony rendering of the prompt and no
 harmony parsing of the output. Fields as OpenAI's: ``prompt`` (a string, a list of token ids, a list of
 strings or a list of token-id lists; choice ``index`` = prompt index * ``n`` + j), ``max_tokens``
-(default 16; 0 with ``echo`` scores the prompt only), ``stop`` (up to 16 strings; OpenAI's 4 is too few for lm-eval), ``n``, ``echo``,
-``logprobs`` (0..5 alternatives per token), the sampling fields of :class:`~gptoss_jax.serving.api.Sampling`, ``stream``
-(+ ``stream_options.include_usage``); ``suffix`` and ``best_of`` (other than 1 or ``n``) are refused.
+(default 16; 0 with ``echo`` scores the prompt only), ``stop`` (up to 16 strings: OpenAI's 4 is too few
+for lm-eval), ``n``, ``echo``, ``logprobs`` (0..5 alternatives per token), the sampling fields of
+:class:`~gptoss_jax.serving.api.Sampling`, ``stream`` (+ ``stream_options.include_usage``); ``suffix``
+and ``best_of`` (other than 1 or ``n``) are refused.
 
 Special tokens: a string prompt is encoded with every harmony special token recognised (the text
-``<|start|>`` is token 200006, as vLLM does), so harmony-formatted prompts reach the model as the model
-was trained on them; generated special tokens are returned as their text (``<|channel|>``...), except
-the stop token that ends the completion (``<|return|>``, ``<|call|>``), which is counted in usage and
-listed in ``logprobs`` (as vLLM does: lm-eval counts on one entry per token) but not in the text. Token strings in ``logprobs`` that are not valid UTF-8 alone read ``bytes:\\xe6\\x9d``.
+``<|start|>`` is token 200006, as vLLM does), so harmony-formatted prompts reach the model as it was
+trained on them; generated special tokens are returned as their text (``<|channel|>``...), except the
+stop token that ends the completion (``<|return|>``, ``<|call|>``): counted in usage and listed in
+``logprobs`` (as vLLM: lm-eval expects one entry per token), not in the text. Token strings in
+``logprobs`` that are not valid UTF-8 alone read ``bytes:\\xe6\\x9d``; ``text_offset`` indexes the
+returned ``text``; a stop string keeps the entries of the tokens whose text is (partly) returned.
 
 The request is parsed, checked and tokenized in the render workers
 (:meth:`gptoss_jax.serving.prompts.Preparer.prepare_completions`, schema
