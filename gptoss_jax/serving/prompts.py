@@ -94,18 +94,19 @@ def check_unicode(obj) -> None:
 
 
 class Preparer:
-    """The worker's handler: ``preparer((kind, raw))`` -> ``("ok", request, prompt ids)`` or
-    ``("error", status, error body)``; ``kind`` names the endpoint's method in :attr:`KINDS`."""
+    """The worker's handler: ``preparer((kind, raw, *extra))`` -> ``("ok", request, prompt ids)`` or
+    ``("error", status, error body)``; ``kind`` names the endpoint's method in :attr:`KINDS`, which
+    takes ``raw`` and ``extra``."""
 
-    KINDS = {"chat": "prepare_chat"}
+    KINDS = {"chat": "prepare_chat", "responses": "prepare_responses"}
 
     def __init__(self, vocab: str | None, context: int, reasoning_effort: str):
         self.fmt, self.context, self.reasoning_effort = ChatFormat(vocab), context, reasoning_effort
 
-    def __call__(self, payload: tuple[str, bytes]):
-        kind, raw = payload
+    def __call__(self, payload: tuple):
+        kind, raw, *extra = payload
         try:
-            return ("ok", *getattr(self, self.KINDS[kind])(raw))
+            return ("ok", *getattr(self, self.KINDS[kind])(raw, *extra))
         except ApiError as e:
             return "error", e.status, e.body()
 
@@ -124,3 +125,10 @@ class Preparer:
             raise ApiError(400, str(e), param=_field(str(e))) from None
         constrained = body.tool_choice == "required" or isinstance(body.tool_choice, dict)
         return body.model_copy(update={"messages": [], "tools": body.tools if constrained else None}), prompt
+
+    def prepare_responses(self, raw: bytes, history: list | None = None):
+        """A Responses request (:func:`gptoss_jax.serving.responses.prepare`; ``history``: the conversation
+        of its ``previous_response_id``)."""
+        from gptoss_jax.serving.responses import prepare
+
+        return prepare(self, raw, history)

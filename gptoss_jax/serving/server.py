@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over the batched decoding engine.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``
-(streaming SSE or not). Reasoning (the analysis channel) is returned as ``reasoning_content`` apart from
+(streaming SSE or not), ``POST /v1/responses`` and ``GET``/``DELETE /v1/responses/{id}``
+(:mod:`gptoss_jax.serving.responses`). Reasoning (the analysis channel) is returned as ``reasoning_content`` apart from
 ``content``; function ``tools`` come back as ``tool_calls`` with finish_reason ``"tool_calls"``.
 All concurrent requests are submitted to one engine, which decodes them in one batch. Every error,
 inside a stream too, is JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
@@ -29,7 +30,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptoss_jax.harmony import ChatFormat, Delta
-from gptoss_jax.serving import constrain
+from gptoss_jax.serving import constrain, responses
 from gptoss_jax.serving.api import MAX_SEED, ApiError, ChatCompletionRequest, validation_error
 from gptoss_jax.serving.prompts import Preparer
 from gptoss_jax.serving.workers import WorkerPool
@@ -84,6 +85,7 @@ class Choice:
         self.parser = fmt.parser()
         self.stops = StopStrings(stops)
         self.tokens = 0
+        self.reasoning_tokens = 0  # text tokens of analysis messages
         self.content = ""
         self.finish_reason: str | None = None
         self.cut = False  # ended by the server's shutdown: finish_reason "length"
@@ -97,7 +99,9 @@ class Choice:
         """Async iterator of Deltas (stop strings applied to the content); sets ``finish_reason``."""
         async for token in self.request.aiter():
             self.tokens += 1
+            before = self.parser._kind
             deltas = [d for d in map(self._cut, self.parser.feed(token)) if d]
+            self.reasoning_tokens += before == self.parser._kind == "reasoning"  # text, not the header
             self._attribute(token, deltas)
             for d in deltas:
                 yield d
@@ -267,11 +271,11 @@ class Server:
                 "context": self.context, "requests_in_flight": len(self.live), "rendering": self.renderer.busy,
                 **self.counters, "engine": engine_status(self.engine)}
 
-    async def prepare(self, raw: bytes, kind: str = "chat"):
+    async def prepare(self, raw: bytes, kind: str = "chat", *extra):
         """The request and its prompt ids, from a render worker (:class:`Preparer`: ``kind`` names the
-        endpoint); ApiError for a bad request."""
+        endpoint, ``extra`` goes to its method); ApiError for a bad request."""
         try:
-            result = await self.renderer.acall((kind, raw))
+            result = await self.renderer.acall((kind, raw, *extra))
         except TimeoutError:
             raise ApiError(413, f"Rendering this request took longer than the server's {self.renderer.timeout:g} s "
                                 "budget: send a shorter one", code="render_timeout") from None
@@ -344,7 +348,12 @@ class Server:
             async for _ in c.deltas():
                 pass
 
-        work = asyncio.gather(*(drain(c) for c in choices))
+        return await Server.wait_for_client(request, asyncio.gather(*(drain(c) for c in choices)))
+
+    @staticmethod
+    async def wait_for_client(request: Request, work) -> None:
+        """Await ``work`` (a coroutine or future); a client that goes away cancels it (ApiError 499)."""
+        work = asyncio.ensure_future(work)
         while True:
             done, _ = await asyncio.wait([work], timeout=DISCONNECT_POLL_S)
             if done:
@@ -355,12 +364,14 @@ class Server:
                     await work
                 raise ApiError(499, "client disconnected")
 
-    async def sse(self, events, choices):
-        """Server-sent events of the ``events`` async iterator (dicts), errors as an error event, then
-        ``[DONE]``; the choices are released however the stream ends."""
+    async def sse(self, events, choices, frame=None, done: str = "data: [DONE]\n\n"):
+        """Server-sent events of the ``events`` async iterator (dicts, each framed by ``frame``, by default
+        ``data: ...``), errors as an error event, then ``done``; the choices are released however the
+        stream ends."""
+        frame = frame or _sse
         try:
             async for event in events:
-                yield _sse(event)
+                yield frame(event)
         except ApiError as e:
             yield _sse(e.body())
         except Exception as e:  # noqa: BLE001 - the response has started: the error goes in the stream
@@ -368,20 +379,24 @@ class Server:
             yield _sse(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
         finally:
             self.release(choices)
-        yield "data: [DONE]\n\n"
+        if done:
+            yield done
 
-    def streaming(self, events, choices) -> "CancellingStream":
-        return CancellingStream(self.sse(events, choices), lambda: self.release(choices),
+    def streaming(self, events, choices, **framing) -> "CancellingStream":
+        """The streamed response of ``events`` (``framing``: :meth:`sse`'s frame and done)."""
+        return CancellingStream(self.sse(events, choices, **framing), lambda: self.release(choices),
                                 media_type="text/event-stream")
 
 
 def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, default_params,
                api_key: str | None = None, reasoning_effort: str = "medium",
-               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None) -> FastAPI:
+               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None,
+               responses_store: int = responses.DEFAULT_STORE) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name`` (arguments: :class:`Server`).
 
     max_request_bytes: the body cap (413 above); renderer: the worker pool preparing prompts
-    (:func:`render_pool`; by default two workers, 10 s). ``app.state.begin_shutdown(timeout)`` starts the
+    (:func:`render_pool`; by default two workers, 10 s); responses_store: responses kept for
+    ``previous_response_id`` (:class:`~gptoss_jax.serving.responses.ResponseStore`). ``app.state.begin_shutdown(timeout)`` starts the
     graceful shutdown (see the module docstring).
     """
     app = FastAPI(title="gptoss-jax", version="0.1.0")
@@ -392,6 +407,8 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     add_error_handlers(app)
     add_model_routes(app, server)
     add_chat_routes(app, server)
+    app.state.responses = responses.ResponseStore(responses_store)
+    responses.add_response_routes(app, server, app.state.responses)
     return app
 
 
