@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import KEY, MODEL, ReplayEngine, running_server, wait_idle
+from tests.serving import KEY, MODEL, ReplayEngine, ReplayRequest, running_server, wait_idle
 
 QUESTION = "What is 2 + 2?"
 
@@ -230,3 +230,22 @@ def test_function_call_round_trip(replay, fmt, stream):
     respond(client, stream, input=items, tools=[WEATHER], tool_choice="none", store=False)
     assert engine.prompts[-1] == fmt.render(history)
 
+
+
+def test_generation_failure(replay, fmt, monkeypatch):
+    """A failure mid-generation: a 500 in OpenAI's shape, or, once a stream has started, an error event."""
+    engine, client = replay
+
+    class Failing(ReplayRequest):
+        async def aiter(self):
+            async for t in super().aiter():
+                yield t
+            self.finish_reason = "error"
+
+    monkeypatch.setattr(engine, "submit", lambda prompt, params: Failing(scripted(fmt, "<|channel|>final<|message|>Hi")))
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model=MODEL, input="Hi")
+    events = list(client.responses.create(model=MODEL, input="Hi", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-2].type == "response.output_text.delta" and events[-2].delta == "Hi"
+    assert (events[-1].type, events[-1].code) == ("error", "server_error") and "generation failed" in events[-1].message

@@ -18,7 +18,6 @@ follow-up's worker renders that conversation followed by the new input.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -177,10 +176,12 @@ def grammar_view(body: ResponsesRequest, tools: list[dict]):
     """What :func:`constrain.request_grammar` reads of a chat request (tool_choice, tools,
     response_format), from a Responses request; None when decoding is unconstrained."""
     choice, fmt = body.tool_choice, body.fmt()
+    if not isinstance(fmt, dict):
+        raise ApiError(400, "text.format: expected an object", param="text.format")
     if isinstance(choice, dict):
         if choice.get("type") != "function":
-            raise ApiError(400, f"tool_choice: only 'none', 'auto', 'required' or a function "
-                                f"({{'type': 'function', 'name': ...}}) are supported", param="tool_choice",
+            raise ApiError(400, "tool_choice: only 'none', 'auto', 'required' or a function "
+                                "({'type': 'function', 'name': ...}) are supported", param="tool_choice",
                            code="unsupported_parameter")
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     if fmt.get("type") not in ("text", "json_object", "json_schema"):
@@ -188,8 +189,8 @@ def grammar_view(body: ResponsesRequest, tools: list[dict]):
                        code="unsupported_parameter")
     response_format = {"type": "json_schema", "json_schema": {"schema": fmt.get("schema") or {}}} \
         if fmt["type"] == "json_schema" else {"type": fmt["type"]}
-    if choice not in ("required",) and not isinstance(choice, dict) and fmt["type"] == "text":
-        return None
+    if choice != "required" and not isinstance(choice, dict) and fmt["type"] == "text":
+        return None  # unconstrained
     return types.SimpleNamespace(tool_choice=choice, tools=tools, response_format=response_format)
 
 
@@ -203,9 +204,9 @@ def prepare(preparer, raw: bytes, history: list | None = None):
     if body.previous_response_id is not None and history is None:
         return body, None
     new = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else items_to_messages(body.input)
-    tools = chat_tools(body)
-    body._messages, body._grammar = (history or []) + new, grammar_view(body, tools)
-    messages = ([{"role": "developer", "content": body.instructions}] if body.instructions else []) + body._messages
+    tools, conversation = chat_tools(body), (history or []) + new
+    grammar = grammar_view(body, tools)
+    messages = ([{"role": "developer", "content": body.instructions}] if body.instructions else []) + conversation
     if not messages:
         raise ApiError(400, "input: expected a non-empty input (or a previous_response_id)", param="input")
     if (least := least_tokens(types.SimpleNamespace(messages=messages))) >= preparer.context:
@@ -218,6 +219,8 @@ def prepare(preparer, raw: bytes, history: list | None = None):
     except ChatFormatError as e:
         param = "tools" if str(e).startswith("tools") else "input"
         raise ApiError(400, f"{param}: {e}", param=param) from None
+    body = body.model_copy(update={"input": ""})  # sent back to the server: the conversation is enough
+    body._messages, body._grammar = conversation, grammar
     return body, prompt
 
 
@@ -370,7 +373,7 @@ async def numbered(events):
             yield {**event, "sequence_number": n}
             n += 1
     except ApiError as e:
-        yield {"type": "error", "code": e.code, "message": e.message, "param": e.param, "sequence_number": n}
+        yield {"type": "error", "code": e.code or e.type, "message": e.message, "param": e.param, "sequence_number": n}
     except Exception as e:  # noqa: BLE001 - the response has started: the error goes in the stream
         log.exception("stream failed")
         yield {"type": "error", "code": "server_error", "message": f"internal error: {type(e).__name__}",
