@@ -121,6 +121,23 @@ def test_store(client):
     assert client.responses.retrieve(ids[-1]).id == ids[-1]
 
 
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo"]}},
+          "required": ["city"], "additionalProperties": False}
+
+
+def test_constrained(client):
+    """A named tool_choice (Responses' flat form) and text.format json_schema take chat's constrained path."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": SCHEMA}]
+    r = client.responses.create(model=MODEL, input="Weather?", tools=tools, max_output_tokens=60, temperature=0,
+                                tool_choice={"type": "function", "name": "get_weather"})
+    call = r.output[-1]
+    assert (call.type, call.name, json.loads(call.arguments)["city"] in ("Paris", "Tokyo")) == (
+        "function_call", "get_weather", True)
+    r = client.responses.create(model=MODEL, input="Weather?", max_output_tokens=60, temperature=0,
+                                text={"format": {"type": "json_schema", "name": "w", "schema": SCHEMA}})
+    assert json.loads(r.output_text)["city"] in ("Paris", "Tokyo") and r.status == "completed"
+
+
 @pytest.mark.parametrize("fields, status, code, param", [
     ({"model": "gpt-4o"}, 404, "model_not_found", "model"),
     ({"previous_response_id": "resp_nope"}, 400, "previous_response_not_found", "previous_response_id"),
