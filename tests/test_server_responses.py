@@ -259,7 +259,8 @@ def test_generation_failure(replay, fmt, monkeypatch):
                 yield t
             self.finish_reason = "error"
 
-    monkeypatch.setattr(engine, "submit", lambda prompt, params: Failing(scripted(fmt, "<|channel|>final<|message|>Hi")))
+    output = scripted(fmt, "<|channel|>final<|message|>Hi")
+    monkeypatch.setattr(engine, "submit", lambda prompt, params: Failing(output))
     with pytest.raises(openai.InternalServerError):
         client.responses.create(model=MODEL, input="Hi")
     events = list(client.responses.create(model=MODEL, input="Hi", stream=True))

@@ -163,8 +163,9 @@ def chat_tools(body: ResponsesRequest) -> list[dict]:
     tools = []
     for i, tool in enumerate(body.tools or []):
         if tool.get("type") != "function":
-            raise ApiError(400, f"tools[{i}].type: only function tools are supported, got {json.dumps(tool.get('type'))}",
-                           param=f"tools[{i}].type", code="unsupported_parameter")
+            raise ApiError(400, f"tools[{i}].type: only function tools are supported, got "
+                                f"{json.dumps(tool.get('type'))}", param=f"tools[{i}].type",
+                           code="unsupported_parameter")
         if not isinstance(tool.get("name"), str) or not tool["name"]:
             raise ApiError(400, f"tools[{i}].name: expected a non-empty string", param=f"tools[{i}].name")
         tools.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters")

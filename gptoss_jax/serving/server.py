@@ -396,8 +396,8 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
 
     max_request_bytes: the body cap (413 above); renderer: the worker pool preparing prompts
     (:func:`render_pool`; by default two workers, 10 s); responses_store: responses kept for
-    ``previous_response_id`` (:class:`~gptoss_jax.serving.responses.ResponseStore`). ``app.state.begin_shutdown(timeout)`` starts the
-    graceful shutdown (see the module docstring).
+    ``previous_response_id`` (:class:`~gptoss_jax.serving.responses.ResponseStore`, ``app.state.responses``).
+    ``app.state.begin_shutdown(timeout)`` starts the graceful shutdown (see the module docstring).
     """
     app = FastAPI(title="gptoss-jax", version="0.1.0")
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
