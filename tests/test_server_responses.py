@@ -43,6 +43,7 @@ def test_response(client, fmt):
     r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=6, temperature=0,
                                 reasoning={"effort": "low"}, metadata={"k": "v"})
     assert (r.object, r.model, r.metadata) == ("response", MODEL, {"k": "v"}) and r.id.startswith("resp_")
+    assert r.reasoning.effort == "low" and r.temperature == 0 and r.store
     assert r.status in ("completed", "incomplete")
     if r.status == "incomplete":
         assert r.incomplete_details.reason == "max_output_tokens"
@@ -214,6 +215,7 @@ def test_reasoning_and_message(replay, fmt, stream):
     assert engine.prompts[-1] == fmt.render([{"role": "developer", "content": "Answer in digits."},
                                              {"role": "user", "content": QUESTION}], reasoning_effort="high")
     assert [i.type for i in r.output] == ["reasoning", "message"] and r.status == "completed"
+    assert (r.reasoning.effort, r.instructions) == ("high", "Answer in digits.")
     assert r.output[0].content[0].text == "Two plus two." and r.output[0].id.startswith("rs_")
     assert r.output_text == "4" and r.output[1].role == "assistant" and r.output[1].status == "completed"
     assert r.usage.output_tokens_details.reasoning_tokens == len(fmt.tokenizer.encode("Two plus two."))
@@ -224,6 +226,7 @@ def test_function_call_round_trip(replay, fmt, stream):
     engine, client = replay
     engine.outputs.append(scripted(fmt, TOOL_OUTPUT))
     r = respond(client, stream, input="Weather in Tokyo?", tools=[WEATHER])
+    assert r.reasoning.effort == "medium"  # the server's default
     user = {"role": "user", "content": "Weather in Tokyo?"}
     assert engine.prompts[-1] == fmt.render([user], tools=[WEATHER_CHAT])
     assert [i.type for i in r.output] == ["reasoning", "function_call"] and r.status == "completed"
@@ -267,3 +270,15 @@ def test_generation_failure(replay, fmt, monkeypatch):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[-2].type == "response.output_text.delta" and events[-2].delta == "Hi"
     assert (events[-1].type, events[-1].code) == ("error", "server_error") and "generation failed" in events[-1].message
+
+
+def test_sdk_stream_helper(replay, fmt):
+    """The SDK's ``responses.stream`` rebuilds the response from our events (its accumulator checks them)."""
+    engine, client = replay
+    engine.outputs.append(scripted(fmt, TOOL_OUTPUT))
+    with client.responses.stream(model=MODEL, input="Weather in Tokyo?", tools=[{**WEATHER, "strict": True}]) as s:
+        deltas = [e.delta for e in s if e.type == "response.function_call_arguments.delta"]
+        final = s.get_final_response()
+    call = final.output[1]
+    assert "".join(deltas) == call.arguments and call.parsed_arguments == {"location": "東京"}
+    assert final.output[0].content[0].text == "Need the weather tool."

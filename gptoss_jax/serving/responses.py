@@ -329,14 +329,14 @@ class ResponseStore:
         del self.entries[response_id]
 
 
-def response_head(server, body: ResponsesRequest) -> dict:
-    """The response object before any output (``status: in_progress``)."""
+def response_head(server, body: ResponsesRequest, effort: str) -> dict:
+    """The response object before any output (``status: in_progress``; ``effort``: the server's default)."""
     pick = lambda value, default: default if value is None else value  # noqa: E731
     return {"id": _id("resp"), "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens, "model": server.model_name, "output": [],
             "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": body.previous_response_id,
-            "reasoning": {"effort": body.reasoning and body.reasoning.effort, "summary": None},
+            "reasoning": {"effort": (body.reasoning and body.reasoning.effort) or effort, "summary": None},
             "store": body.store, "temperature": pick(body.temperature, server.default_params.temperature),
             "text": {"format": body.fmt()}, "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
             "top_p": pick(body.top_p, server.default_params.top_p), "truncation": "disabled", "usage": None,
@@ -409,8 +409,9 @@ def refuse_unsupported(body: ResponsesRequest) -> None:
                        param=name, code="unsupported_parameter")
 
 
-def add_response_routes(app: FastAPI, server, store: ResponseStore) -> None:
-    """``POST /v1/responses`` (streaming or not), ``GET`` and ``DELETE /v1/responses/{id}``."""
+def add_response_routes(app: FastAPI, server, store: ResponseStore, effort: str = "medium") -> None:
+    """``POST /v1/responses`` (streaming or not), ``GET`` and ``DELETE /v1/responses/{id}`` (``effort``: the
+    reasoning effort of requests without one)."""
     @app.post("/v1/responses", dependencies=[Depends(server.authorize)])
     async def create(request: Request):
         raw = await request.body()
@@ -421,7 +422,7 @@ def add_response_routes(app: FastAPI, server, store: ResponseStore) -> None:
             _, history = store.get(body.previous_response_id, param="previous_response_id")
             body, prompt = await server.prepare(raw, "responses", history)
         choices = submit(server, body, prompt)
-        events = response_events(store, body, prompt, choices[0], response_head(server, body))
+        events = response_events(store, body, prompt, choices[0], response_head(server, body, effort))
         if body.stream:
             return server.streaming(numbered(events), choices, frame=sse_event, done="")
         last = {}

@@ -408,7 +408,7 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     add_model_routes(app, server)
     add_chat_routes(app, server)
     app.state.responses = responses.ResponseStore(responses_store)
-    responses.add_response_routes(app, server, app.state.responses)
+    responses.add_response_routes(app, server, app.state.responses, reasoning_effort)
     return app
 
 
