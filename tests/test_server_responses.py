@@ -150,6 +150,7 @@ def test_constrained(client):
     ({"input": [{"type": "item_reference", "id": "x"}]}, 400, "unsupported_parameter", "input[0].type"),
     ({"input": [{"role": "tool", "content": "x"}]}, 400, None, "input[0].role"),
     ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, 400, None, "input"),
+    ({"input": [5]}, 400, None, "input"),
     ({"max_output_tokens": 0}, 400, None, "max_output_tokens"),
     ({"reasoning": {"effort": "extreme"}}, 400, None, "reasoning.effort"),
     ({"tool_choice": {"type": "file_search"}}, 400, "unsupported_parameter", "tool_choice"),
@@ -188,12 +189,15 @@ def replay(fmt):
     from fastapi.testclient import TestClient
 
     from gptoss_jax.decode import SamplingParams
-    from gptoss_jax.serving.server import create_app
+    from gptoss_jax.serving.server import create_app, render_pool
 
     engine = ReplayEngine()
-    app = create_app(engine, fmt, MODEL, context=engine.context, default_params=SamplingParams(max_tokens=64))
+    renderer = render_pool(fmt, engine.context, workers=1)
+    app = create_app(engine, fmt, MODEL, context=engine.context, default_params=SamplingParams(max_tokens=64),
+                     renderer=renderer)
     with TestClient(app) as http:
         yield engine, openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http)
+    renderer.close()
 
 
 def scripted(fmt, text: str) -> list[int]:

@@ -58,7 +58,7 @@ class ResponsesRequest(Refusing):
         "max_tool_calls": lambda v: v is None}
 
     model: str
-    input: str | list[dict[str, Any]] = ""
+    input: Any = ""  # a string or a list of items (checked below: one error naming ``input``)
     instructions: str | None = None
     reasoning: Reasoning | None = None
     tools: list[dict[str, Any]] | None = None
@@ -79,6 +79,13 @@ class ResponsesRequest(Refusing):
     stream: bool = False
     _messages: list = PrivateAttr(default_factory=list)  # the conversation (worker side: history + input)
     _grammar: Any = PrivateAttr(None)  # a chat-shaped view for serving/constrain.py, or None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if not isinstance(v, (str, list)) or (isinstance(v, list) and not all(isinstance(x, dict) for x in v)):
+            raise ValueError("expected a string or a list of items (objects)")
+        return v
 
     @field_validator("metadata")
     @classmethod
