@@ -239,6 +239,10 @@ def _id(prefix: str) -> str:
 
 #: the output item a Delta kind writes to
 ITEM_OF = {"reasoning": "reasoning", "content": "message", "tool_call": "function_call", "arguments": "function_call"}
+#: the stream event of text added to an item, and of the item's whole text
+DELTA_EVENT = {"reasoning": "response.reasoning_text.delta", "message": "response.output_text.delta",
+               "function_call": "response.function_call_arguments.delta"}
+DONE_EVENT = {"reasoning": "response.reasoning_text.done", "message": "response.output_text.done"}
 
 
 class Items:
@@ -257,11 +261,8 @@ class Items:
             events = self.close() + self._add(kind, d.call)
         if d.text:
             self.text += d.text
-            events.append(self._event({"reasoning": "response.reasoning_text.delta", "message":
-                                       "response.output_text.delta", "function_call":
-                                       "response.function_call_arguments.delta"}[kind], delta=d.text))
-            if kind == "message":
-                events[-1]["logprobs"] = []
+            logprobs = {"logprobs": []} if kind == "message" else {}
+            events.append(self._event(DELTA_EVENT[kind], delta=d.text, **logprobs))
         return events
 
     def _event(self, kind: str, **fields) -> dict:
@@ -298,8 +299,8 @@ class Items:
             events = [self._event("response.function_call_arguments.done", arguments=text)]
         else:
             item["content"] = [self._part()]
-            done = {"reasoning": "response.reasoning_text.done", "message": "response.output_text.done"}[item["type"]]
-            events = [self._event(done, text=text, **({"logprobs": []} if item["type"] == "message" else {})),
+            logprobs = {"logprobs": []} if item["type"] == "message" else {}
+            events = [self._event(DONE_EVENT[item["type"]], text=text, **logprobs),
                       self._event("response.content_part.done", part=self._part())]
         item["status"] = status
         events.append({"type": "response.output_item.done", "output_index": len(self.items) - 1, "item": dict(item)})
