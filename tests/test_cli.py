@@ -168,6 +168,7 @@ SERVE_BAD = [  # serve's own flags
     (["--shutdown-timeout", "-1"], "--shutdown-timeout: must be in [0, inf)"),
     (["--shutdown-timeout", "inf"], "--shutdown-timeout: must be in [0, inf)"),
     (["--port", "70000"], "--port: must be in [0, 65535]"),
+    (["--responses-store", "-1"], "--responses-store: must be >= 0"),
 ]
 
 

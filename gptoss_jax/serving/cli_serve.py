@@ -15,6 +15,7 @@ import signal
 from gptoss_jax.serving import options
 
 MAX_REQUEST_BYTES = 8 << 20  # = gptoss_jax.serving.server.MAX_REQUEST_BYTES (not imported: FastAPI loads slowly)
+RESPONSES_STORE = 256  # = gptoss_jax.serving.responses.DEFAULT_STORE (not imported, as above)
 #: after --shutdown-timeout, the seconds the ended requests get to send their last bytes
 SHUTDOWN_GRACE_S = 5.0
 
@@ -45,6 +46,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache-blocks", type=options.integer(0), default=0,
                    help="prompt blocks (of --prefill-chunk tokens each) whose KV is kept for later requests sharing "
                         "a prefix, least recently used evicted (0 = off; hit rate on /health)")
+    g.add_argument("--responses-store", type=options.integer(0), default=RESPONSES_STORE,
+                   help="finished /v1/responses kept in memory for previous_response_id and GET /v1/responses/{id}, "
+                        f"least recently used dropped first (0 = none; default {RESPONSES_STORE})")
     g.add_argument("--shutdown-timeout", type=options.real(0), default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds in-flight requests may still run before they are ended "
                         "with finish_reason 'length' (default 30)")
@@ -73,7 +77,8 @@ def serve(engine, fmt, args: argparse.Namespace, name: str, renderer=None) -> No
         renderer.wait_ready()
     app = create_app(engine, fmt, name, context=engine.context, default_params=options.sampling_params(args),
                      api_key=args.api_key, reasoning_effort=args.reasoning_effort,
-                     max_request_bytes=args.max_request_bytes, renderer=renderer)
+                     max_request_bytes=args.max_request_bytes, renderer=renderer,
+                     responses_store=args.responses_store)
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):

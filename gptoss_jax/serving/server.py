@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP server over the batched decoding engine.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``
-(streaming SSE or not). Reasoning (the analysis channel) is returned as ``reasoning_content`` apart from
-``content``; function ``tools`` come back as ``tool_calls`` with finish_reason ``"tool_calls"``.
+(streaming SSE or not), ``POST /v1/completions`` (:mod:`gptoss_jax.serving.completions`), ``POST
+/v1/responses`` and ``GET``/``DELETE /v1/responses/{id}`` (:mod:`gptoss_jax.serving.responses`).
+Reasoning (the analysis channel) is returned as ``reasoning_content`` apart from ``content``; function ``tools`` come back as ``tool_calls`` with finish_reason ``"tool_calls"``.
 All concurrent requests are submitted to one engine, which decodes them in one batch. Every error,
 inside a stream too, is JSON in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
@@ -28,12 +29,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
-from gptoss_jax.harmony import ChatFormat, Delta
-from gptoss_jax.serving import constrain
+from gptoss_jax.harmony import ChatFormat
+from gptoss_jax.serving import constrain, responses
 from gptoss_jax.serving.api import MAX_SEED, ApiError, ChatCompletionRequest, validation_error
+from gptoss_jax.serving.choice import Choice, delta_json
 from gptoss_jax.serving.completions import add_completion_routes
 from gptoss_jax.serving.prompts import Preparer
-from gptoss_jax.serving.streams import StopStrings
 from gptoss_jax.serving.streams import merge as _merge
 from gptoss_jax.serving.workers import WorkerPool
 
@@ -47,116 +48,6 @@ DISCONNECT_POLL_S = 0.5
 MAX_REQUEST_BYTES = 8 << 20
 #: a body over the cap is still read (and discarded, up to this much) so the client sees the 413
 DRAIN_BYTES = 64 << 20
-
-
-class Choice:
-    """One generated answer: the engine request, its harmony parser (reasoning, tool calls) and the
-    content sent so far (cut at a stop string)."""
-
-    def __init__(self, index: int, request, fmt: ChatFormat, stops: list[str], top_logprobs: int = 0):
-        self.index, self.request = index, request
-        self.tokenizer, self.top_logprobs = fmt.tokenizer, top_logprobs
-        self.logprobs: list[dict] = []  # OpenAI logprobs.content entries of the content tokens
-        self.sent_logprobs = 0  # entries already streamed
-        self._held: list[dict] = []  # entries of tokens the parser holds (a header, or text it may give back)
-        self.parser = fmt.parser()
-        self.stops = StopStrings(stops)
-        self.tokens = 0
-        self.content = ""
-        self.finish_reason: str | None = None
-        self.cut = False  # ended by the server's shutdown: finish_reason "length"
-
-    def end(self) -> None:
-        """End generation now (shutdown): the answer so far is returned with finish_reason "length"."""
-        self.cut = True
-        self.request.cancel()
-
-    async def deltas(self):
-        """Async iterator of Deltas (stop strings applied to the content); sets ``finish_reason``."""
-        async for token in self.request.aiter():
-            self.tokens += 1
-            deltas = [d for d in map(self._cut, self.parser.feed(token)) if d]
-            self._attribute(token, deltas)
-            for d in deltas:
-                yield d
-            if self.stops.hit:
-                self.request.cancel()
-                break
-        for d in self.parser.finish():
-            if d := self._cut(d):
-                self._attribute(None, [d])
-                yield d
-        if rest := self.stops.flush():
-            self.content += rest
-            yield Delta("content", rest)
-        reason = "stop" if self.stops.hit else self.request.finish_reason
-        if reason == "cancelled" and self.cut:
-            reason = "length"
-        if reason == "error":
-            raise ApiError(500, "generation failed (see the server log)", type_="server_error")
-        self.finish_reason = "tool_calls" if reason == "stop" and self.parser.output.tool_calls else reason
-
-    def _attribute(self, token: int | None, deltas: list[Delta]) -> None:
-        """Keep the logprobs entry of ``token`` if it is content: text inside a final message, or text the
-        parser held (headers that turned out not to be) and then gave out as content (None: finish)."""
-        if getattr(self.request, "logprobs", None) is None:
-            return
-        if token is not None:
-            self._held.append(self._entry(token, *self.request.logprobs[self.tokens - 1]))
-        content = any(d.kind == "content" for d in deltas)
-        if content and (token is None or self.parser._kind is None):
-            self.logprobs += self._held
-            self._held = []
-        elif content:
-            self.logprobs.append(self._held.pop())
-            self._held = []
-        elif self.parser._kind is not None or deltas:
-            self._held = []
-
-    def _token(self, token: int) -> dict:
-        raw = self.tokenizer.decode_single_token_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw)}
-
-    def _entry(self, token: int, logprob: float, top_ids: list[int], top_values: list[float]) -> dict:
-        """An OpenAI logprobs.content entry: the token, its log-probability and the top alternatives."""
-        top = [{**self._token(t), "logprob": v} for t, v in zip(top_ids[:self.top_logprobs], top_values)]
-        return {**self._token(token), "logprob": logprob, "top_logprobs": top}
-
-    def logprobs_json(self, new_only: bool = False) -> dict | None:
-        """``{"content": [...]}`` (the entries not yet streamed with ``new_only``), or None without logprobs."""
-        if getattr(self.request, "logprobs", None) is None:
-            return None
-        start = self.sent_logprobs if new_only else 0
-        self.sent_logprobs = len(self.logprobs)
-        return {"content": self.logprobs[start:]}
-
-    def _cut(self, d: Delta) -> Delta | None:
-        if d.kind != "content":
-            return d
-        text = self.stops.push(d.text)
-        self.content += text
-        return Delta("content", text) if text else None
-
-    def message(self) -> dict:
-        out = self.parser.output
-        msg = {"role": "assistant", "content": self.content or (None if out.tool_calls else ""),
-               "reasoning_content": out.reasoning or None}
-        if out.tool_calls:
-            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in out.tool_calls]
-        return msg
-
-
-def delta_json(d: Delta) -> dict:
-    """A Delta as the ``delta`` of an OpenAI chat.completion.chunk."""
-    if d.kind == "reasoning":
-        return {"reasoning_content": d.text}
-    if d.kind == "content":
-        return {"content": d.text}
-    if d.kind == "tool_call":
-        return {"tool_calls": [{"index": d.index, "id": d.call.id, "type": "function",
-                                "function": {"name": d.call.name, "arguments": ""}}]}
-    return {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}
 
 
 def _sse(obj) -> str:
@@ -216,11 +107,11 @@ class Server:
                 "context": self.context, "requests_in_flight": len(self.live), "rendering": self.renderer.busy,
                 **self.counters, "engine": engine_status(self.engine)}
 
-    async def prepare(self, raw: bytes, kind: str = "chat"):
+    async def prepare(self, raw: bytes, kind: str = "chat", *extra):
         """The request and its prompt ids, from a render worker (:class:`Preparer`: ``kind`` names the
-        endpoint); ApiError for a bad request."""
+        endpoint, ``extra`` goes to its method); ApiError for a bad request."""
         try:
-            result = await self.renderer.acall((kind, raw))
+            result = await self.renderer.acall((kind, raw, *extra))
         except TimeoutError:
             raise ApiError(413, f"Rendering this request took longer than the server's {self.renderer.timeout:g} s "
                                 "budget: send a shorter one", code="render_timeout") from None
@@ -293,7 +184,12 @@ class Server:
             async for _ in c.deltas():
                 pass
 
-        work = asyncio.gather(*(drain(c) for c in choices))
+        return await Server.wait_for_client(request, asyncio.gather(*(drain(c) for c in choices)))
+
+    @staticmethod
+    async def wait_for_client(request: Request, work) -> None:
+        """Await ``work`` (a coroutine or future); a client that goes away cancels it (ApiError 499)."""
+        work = asyncio.ensure_future(work)
         while True:
             done, _ = await asyncio.wait([work], timeout=DISCONNECT_POLL_S)
             if done:
@@ -304,12 +200,14 @@ class Server:
                     await work
                 raise ApiError(499, "client disconnected")
 
-    async def sse(self, events, choices):
-        """Server-sent events of the ``events`` async iterator (dicts), errors as an error event, then
-        ``[DONE]``; the choices are released however the stream ends."""
+    async def sse(self, events, choices, frame=None, done: str = "data: [DONE]\n\n"):
+        """Server-sent events of the ``events`` async iterator (dicts, each framed by ``frame``, by default
+        ``data: ...``), errors as an error event, then ``done``; the choices are released however the
+        stream ends."""
+        frame = frame or _sse
         try:
             async for event in events:
-                yield _sse(event)
+                yield frame(event)
         except ApiError as e:
             yield _sse(e.body())
         except Exception as e:  # noqa: BLE001 - the response has started: the error goes in the stream
@@ -317,21 +215,25 @@ class Server:
             yield _sse(ApiError(500, f"internal error: {type(e).__name__}", type_="server_error").body())
         finally:
             self.release(choices)
-        yield "data: [DONE]\n\n"
+        if done:
+            yield done
 
-    def streaming(self, events, choices) -> "CancellingStream":
-        return CancellingStream(self.sse(events, choices), lambda: self.release(choices),
+    def streaming(self, events, choices, **framing) -> "CancellingStream":
+        """The streamed response of ``events`` (``framing``: :meth:`sse`'s frame and done)."""
+        return CancellingStream(self.sse(events, choices, **framing), lambda: self.release(choices),
                                 media_type="text/event-stream")
 
 
 def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, default_params,
                api_key: str | None = None, reasoning_effort: str = "medium",
-               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None) -> FastAPI:
+               max_request_bytes: int = MAX_REQUEST_BYTES, renderer: WorkerPool | None = None,
+               responses_store: int = responses.DEFAULT_STORE) -> FastAPI:
     """The FastAPI app serving ``engine`` as ``model_name`` (arguments: :class:`Server`).
 
     max_request_bytes: the body cap (413 above); renderer: the worker pool preparing prompts
-    (:func:`render_pool`; by default two workers, 10 s). ``app.state.begin_shutdown(timeout)`` starts the
-    graceful shutdown (see the module docstring).
+    (:func:`render_pool`; by default two workers, 10 s); responses_store: responses kept for
+    ``previous_response_id`` (:class:`~gptoss_jax.serving.responses.ResponseStore`, ``app.state.responses``).
+    ``app.state.begin_shutdown(timeout)`` starts the graceful shutdown (see the module docstring).
     """
     app = FastAPI(title="gptoss-jax", version="0.1.0")
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -342,6 +244,8 @@ def create_app(engine, fmt: ChatFormat, model_name: str, *, context: int, defaul
     add_model_routes(app, server)
     add_chat_routes(app, server)
     add_completion_routes(app, server)
+    app.state.responses = responses.ResponseStore(responses_store)
+    responses.add_response_routes(app, server, app.state.responses, reasoning_effort)
     return app
 
 
