@@ -1,0 +1,127 @@
+"""The Pallas attention kernel (Mosaic TPU and Triton GPU bodies, run in Pallas interpret mode) against
+the exact path: values with sinks, padding, GQA (3 query heads per KV head), the window boundary, a
+prefill chunk against a wrapped ring with a per-row start, segment ids, gradients, and the path choice.
+
+Tolerance (float32), as in tests/test_flash.py: both paths compute float32 probabilities of the same
+float32 scores (HIGHEST-precision dots) and average float32 values; they differ in summation order and
+in the kernel's rescaling by exp(m - m_new) once per key block: a few float32 roundings (2^-24
+relative) of sums bounded by max|v| over <= 5 blocks and <= 60 keys, |difference| <= ~50 * 2^-24 *
+max|v| ~ 3e-6 max|v|, so 1e-5 * max(1, max|reference|) holds while a wrong mask, sink or rescale
+(errors of order max|v|) fails it. Shapes are tiny and blocks small (T, S multiples of neither block).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_jax import platform as gptoss_platform
+from gptoss_jax.kernels.flash_attention import flash_attention, kernel_choice
+from gptoss_jax.layers.attention import attend_kv_major, attention_kv_major, attention_path
+
+SINKS = jnp.asarray([20.0, -20.0, 8.0, 0.0, -3.0, 12.0], jnp.float32)  # dominating, vanishing, ordinary
+B, NQ, NKV, D = 2, 6, 2, 16
+BLOCKS = dict(block_q=8, block_k=16)
+
+
+def _close(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_less(np.abs(got - want).max(), 1e-5 * max(1.0, np.abs(want).max()))
+
+
+def _qkv(t, s=None, seed=0):
+    s = t if s is None else s
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(kq, (B, t, NQ, D)), jax.random.normal(kk, (B, NKV, s, D)),
+            jax.random.normal(kv, (B, NKV, s, D)))
+
+
+def _kernel(backend, window):
+    """The kernel in interpret mode, jitted as one program (one compile per test)."""
+    return jax.jit(lambda q, k, v, s, qp, kp: flash_attention(q, k, v, s, qp, kp, window, backend=backend,
+                                                              interpret=True, **BLOCKS))
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_window_padding_and_boundary(backend):
+    """Row 0: positions 0..36, key 3's values 1000 (visible to queries 3..10 with window 8, so query 11,
+    exactly the window away, must not see it); row 1: 5 padding slots, positions, 3 padding slots
+    (padded queries give 0)."""
+    t, w = 37, 8
+    q, k, v = _qkv(t)
+    v = v.at[0, :, 3].set(1000.0)
+    row1 = np.full(t, -1)
+    row1[5:t - 3] = np.arange(t - 8)
+    pos = jnp.asarray(np.stack([np.arange(t), row1]), jnp.int32)
+    got = _kernel(backend, w)(q, k, v, SINKS, pos, pos)
+    _close(got, attention_kv_major(q, k, v, SINKS, pos, pos, w))
+    got = np.asarray(got)
+    assert np.abs(got[0, 10]).max() > 1 and np.abs(got[0, 11]).max() < 50  # 10 - 8 < 3; 11 - 8 = 3
+    assert np.all(got[1, :5] == 0) and np.all(got[1, -3:] == 0)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_segments_full_causal_values_and_gradients(backend):
+    """Packed sequences (positions restart per segment), window 0; gradients via the blocked backward."""
+    t = 30
+    q, k, v = _qkv(t, seed=1)
+    seg = jnp.asarray([[0] * 12 + [1] * 18, [0] * 7 + [1] * 9 + [2] * 14], jnp.int32)
+    starts = jnp.asarray([[0] * 12 + [12] * 18, [0] * 7 + [7] * 9 + [16] * 14])
+    pos = (jnp.arange(t)[None] - starts).astype(jnp.int32)
+    weight = jax.random.normal(jax.random.PRNGKey(2), (B, t, NQ, D))
+
+    def loss(fn):
+        def f(q, k, v, s):
+            out = fn(q, k, v, s, pos, pos, 0, seg, seg)
+            return (out * weight).sum(), out
+        return jax.jit(f)
+
+    kernel = lambda *a: flash_attention(*a, backend=backend, interpret=True, **BLOCKS)  # noqa: E731
+    (_, want_out), want_g = jax.value_and_grad(loss(attention_kv_major), (0, 1, 2, 3), has_aux=True)(q, k, v, SINKS)
+    (_, got_out), got_g = jax.jit(jax.value_and_grad(loss(kernel), (0, 1, 2, 3), has_aux=True))(q, k, v, SINKS)
+    _close(got_out, want_out)
+    for g, w_ in zip(got_g, want_g):
+        _close(g, w_)
+
+
+def test_prefill_chunk_against_ring_with_row_offsets():
+    """A sliding layer's prefill chunk: the ring before the chunk (wrapped: positions out of slot order;
+    row 1 fresh: empty slots, -1) then the chunk, whose start differs per row (21 and 0)."""
+    w, t = 8, 20
+    q, kc, vc = _qkv(t, seed=5)
+    ring_k, ring_v = jax.random.normal(jax.random.PRNGKey(6), (2, B, NKV, w, D))
+    start = 21  # row 0's ring holds positions 13..20 at slots pos % 8
+    ring0 = [[p for p in range(start - w, start) if p % w == slot][0] for slot in range(w)]
+    ring_pos = jnp.asarray([ring0, [-1] * w], jnp.int32)
+    keys, values = jnp.concatenate([ring_k, kc], axis=2), jnp.concatenate([ring_v, vc], axis=2)
+    q_pos = jnp.asarray([np.arange(start, start + t), np.arange(t)], jnp.int32)
+    k_pos = jnp.concatenate([ring_pos, q_pos], axis=1)
+    want = attention_kv_major(q, keys, values, SINKS, q_pos, k_pos, w)
+    _close(_kernel("tpu", w)(q, keys, values, SINKS, q_pos, k_pos), want)
+
+
+def test_path_choice():
+    """'auto' takes the kernel for several queries over more than one key block when tracing for a TPU or
+    GPU; decode (one query) and programs of unknown platform keep the blocked path; 'pallas' on CPU
+    is the kernel in interpret mode."""
+    assert attention_path("auto", 4096, 64) == "blocked"  # platform unknown
+    for p in ("tpu", "gpu"):
+        with gptoss_platform.lowering_for(p):
+            assert attention_path("auto", 4096, 64) == "pallas"
+            assert attention_path("auto", 4096, 1) == "blocked" and attention_path("pallas", 4096, 1) == "blocked"
+            assert attention_path("auto", 512, 64) == "xla" and attention_path("blocked", 4096, 64) == "blocked"
+            assert kernel_choice() == (p, False)
+    with gptoss_platform.lowering_for("cpu"):
+        assert attention_path("auto", 4096, 64) == "blocked" and attention_path("pallas", 8, 8) == "pallas"
+        assert kernel_choice() == ("tpu", True)
+        q, k, v = _qkv(8, 600)
+        pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (B, 8))
+        kpos = jnp.broadcast_to(jnp.arange(600, dtype=jnp.int32), (B, 600))
+        jaxpr = str(jax.make_jaxpr(lambda *a: attend_kv_major(*a, 0, impl="pallas"))(q, k, v, SINKS, pos, kpos))
+        assert "pallas_call" in jaxpr
+        jaxpr = str(jax.make_jaxpr(lambda *a: attend_kv_major(*a, 0, impl="auto"))(q, k, v, SINKS, pos, kpos))
+        assert "pallas_call" not in jaxpr
+    with pytest.raises(ValueError, match="GPTOSS_ATTENTION_KERNEL"):
+        kernel_choice("mosaic")
