@@ -234,6 +234,24 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def unsupported(backend: str, nq: int, nkv: int, d: int, interpret: bool = False) -> str | None:
+    """Why the compiled kernel cannot take these heads (None: it can). Mosaic: a KV head's query group
+    (g*D columns) must fill whole 128-lane tiles (or be all the heads); Triton: D a power of two >= 16.
+    Interpret mode takes any shape."""
+    if interpret:
+        return None
+    g = nq // nkv
+    if backend == TPU and (g * d) % 128 and nkv > 1:
+        return f"the TPU kernel needs (heads per KV head) x head_dim a multiple of 128, got {g} x {d}"
+    if backend == GPU and (d < 16 or d & (d - 1)):
+        return f"the GPU kernel needs head_dim a power of two >= 16, got {d}"
+    return None
+
+
 def flash_forward(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=None, *, backend: str,
                   interpret: bool = False, block_q: int | None = None, block_k: int | None = None):
     """The kernel's forward (no gradient). Shapes as :func:`attention`; T and S need not divide the blocks
@@ -246,9 +264,15 @@ def flash_forward(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=N
         raise ValueError(f"pallas attention: q {q.shape} does not fit k {k.shape} / v {v.shape}")
     if (q_seg is None) != (k_seg is None):
         raise ValueError("pallas attention: give both q_seg and k_seg, or neither")
+    why = unsupported(backend, nq, nkv, d, interpret)
+    if why:
+        raise ValueError(f"pallas attention: {why}")
     dq, dk = BLOCKS[backend]
-    bq = min(block_q or dq, _round_up(t, 8))
-    bk = min(block_k or dk, _round_up(s, 8 if interpret else 128 if backend == TPU else 16))
+    if backend == TPU:
+        bq = min(block_q or dq, _round_up(t, 8))
+        bk = min(block_k or dk, _round_up(s, 8 if interpret else 128))
+    else:  # Triton blocks are powers of two (at least 16 for the dots)
+        bq, bk = min(block_q or dq, _pow2(max(t, 16))), min(block_k or dk, _pow2(max(s, 16)))
     tp, sp = _round_up(t, bq), _round_up(s, bk)
     pad_t, pad_s = ((0, 0), (0, tp - t)), ((0, 0), (0, sp - s))
     q_pos = jnp.pad(q_pos.astype(jnp.int32), pad_t, constant_values=-1)

@@ -17,7 +17,7 @@ from flax import nnx
 
 from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
-from gptoss_jax.kernels.flash_attention import flash_attention
+from gptoss_jax.kernels.flash_attention import flash_attention, kernel_choice, unsupported
 from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
 from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
@@ -103,6 +103,10 @@ def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
 def attend_kv_major(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=None, impl: str = "auto"):
     """:func:`attention_kv_major` (k/v [B, nkv, S, D]) by the implementation :func:`attention_path` picks."""
     path = attention_path(impl, k.shape[2], q.shape[1])
+    if path == "pallas" and impl == "auto":  # traced for a TPU / GPU: kernel_choice() names the kernel
+        backend, interpret = kernel_choice()
+        if unsupported(backend, q.shape[2], k.shape[1], q.shape[3], interpret):
+            path = "blocked"  # heads the compiled kernel cannot tile (tiny test models)
     if path == "pallas":
         return flash_attention(q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg)
     if path == "blocked":
