@@ -32,6 +32,9 @@ slots of a cache. Skipped blocks are neither read nor computed.
   compute nothing.
 - GPU (Triton): grid (B, nq, query blocks); each program loops over its visited key blocks.
 
+Both read q and write the output in the model's [B, T, nq, D] layout (as [B, T, nq*D], a head's
+columns sliced in the kernel): no transposed copies.
+
 The gradient (training with ``impl='pallas'``) is the blocked path's flash backward
 (:func:`gptoss_jax.layers.flash.block_attention_kv_major` differentiated), recomputing its forward.
 
@@ -175,8 +178,9 @@ def _gpu_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, *rest, g, b
         sink_ref, o_ref = rest
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     kh = h // g
-    rows = pl.ds(i * bq, bq)
-    q = q_ref[b, h, rows, :]
+    d = k_ref.shape[3]
+    rows, cols_h = pl.ds(i * bq, bq), pl.ds(h * d, d)
+    q = q_ref[b, rows, cols_h]
     qp = qp_ref[b, rows][:, None]
     qs = qs_ref[b, rows][:, None] if has_seg else None
 
@@ -187,17 +191,18 @@ def _gpu_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, *rest, g, b
         return _step(q, k_ref[b, kh, cols, :], v_ref[b, kh, cols, :], mask, *carry, scale, dtype)
 
     m0 = jnp.full((bq, 1), sink_ref[h], jnp.float32)
-    init = (m0, jnp.ones((bq, 1), jnp.float32), jnp.zeros((bq, q.shape[1]), jnp.float32))
+    init = (m0, jnp.ones((bq, 1), jnp.float32), jnp.zeros((bq, d), jnp.float32))
     _, l, acc = jax.lax.fori_loop(lo_ref[i], hi_ref[i], body, init)
-    o_ref[b, h, rows, :] = (acc / l).astype(o_ref.dtype)
+    o_ref[b, rows, cols_h] = (acc / l).astype(o_ref.dtype)
 
 
 def _gpu_call(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk, interpret):
-    """q [B, nq, Tp, D], k/v [B, nkv, Sp, D] -> [B, nq, Tp, D]."""
+    """q [B, Tp, nq*D] (the model's layout: head h in columns h*D ...), k/v [B, nkv, Sp, D] -> [B, Tp, nq*D]."""
     from jax.experimental.pallas import triton as pltr
 
-    b, nq, tp, d = q.shape
-    nkv = k.shape[1]
+    b, tp, _ = q.shape
+    nkv, d = k.shape[1], k.shape[3]
+    nq = q.shape[2] // d
     has_seg = q_seg is not None
     segs = [q_seg, k_seg] if has_seg else []
     kernel = functools.partial(_gpu_kernel, g=nq // nkv, bq=bq, bk=bk, window=window, scale=1.0 / math.sqrt(d),
@@ -283,14 +288,10 @@ def flash_forward(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=N
     k, v = jnp.pad(k, kpad), jnp.pad(v, kpad)
     lo, hi = block_ranges(q_pos, k_pos, jnp.zeros((), jnp.int32) if q_seg is None else q_seg,
                           jnp.zeros((), jnp.int32) if k_seg is None else k_seg, window, bq, bk)
-    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-    if backend == TPU:
-        out = _tpu_call(q.reshape(b, tp, nq * d), k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk,
-                        interpret).reshape(b, tp, nq, d)
-        return out[:, :t]
-    out = _gpu_call(jnp.swapaxes(q, 1, 2), k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk,
-                    interpret)  # [B, nq, Tp, D]
-    return jnp.swapaxes(out, 1, 2)[:, :t]
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, tp, nq * d)  # no transposed copy
+    call = _tpu_call if backend == TPU else _gpu_call
+    out = call(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk, interpret)
+    return out.reshape(b, tp, nq, d)[:, :t]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 9, 10, 11, 12))
