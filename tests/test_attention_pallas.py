@@ -18,7 +18,8 @@ import pytest
 
 from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.kernels.flash_attention import flash_attention, kernel_choice
-from gptoss_jax.layers.attention import attend_kv_major, attention_kv_major, attention_path
+from gptoss_jax.config import ATTENTION_IMPLS
+from gptoss_jax.layers.attention import attend_kv_major, attention_kv_major, attention_path, mesh_aware
 
 SINKS = jnp.asarray([20.0, -20.0, 8.0, 0.0, -3.0, 12.0], jnp.float32)  # dominating, vanishing, ordinary
 B, NQ, NKV, D = 2, 6, 2, 16
@@ -125,3 +126,21 @@ def test_path_choice():
         assert "pallas_call" not in jaxpr
     with pytest.raises(ValueError, match="GPTOSS_ATTENTION_KERNEL"):
         kernel_choice("mosaic")
+
+
+def test_auto_keeps_blocked_path_on_a_mesh_and_aot_knows_the_impls():
+    """A model on a mesh (``layout`` set) keeps 'auto' off the kernel (not partitioned by XLA)."""
+    from benchmarks import aot
+
+    class Model:
+        def __init__(self, layout):
+            self.layout = layout
+
+        @mesh_aware
+        def hidden_states(self):
+            return attention_path("auto", 4096, 64)
+
+    with gptoss_platform.lowering_for("tpu"):
+        assert Model(object()).hidden_states() == "blocked" and Model(None).hidden_states() == "pallas"
+        assert attention_path("pallas", 4096, 64) == "pallas"
+    assert aot.ATTENTION_IMPLS == ATTENTION_IMPLS

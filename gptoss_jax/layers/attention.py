@@ -9,6 +9,8 @@ additionally require ``q_seg[i] == k_seg[j]``, so packed samples never attend to
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 
 import jax
@@ -79,13 +81,30 @@ def check_attention_impl(impl: str) -> str:
     return impl
 
 
+_on_mesh: contextvars.ContextVar[bool] = contextvars.ContextVar("gptoss_attention_on_mesh", default=False)
+
+
+def mesh_aware(hidden_states):
+    """Decorates ``GptOss.hidden_states``: while it traces a model placed on a mesh (``self.layout``),
+    'auto' does not pick the Pallas kernel (a kernel call is not partitioned by XLA: sharded operands
+    would be gathered; it is not wrapped in shard_map yet)."""
+    @functools.wraps(hidden_states)
+    def wrapped(self, *args, **kwargs):
+        token = _on_mesh.set(getattr(self, "layout", None) is not None)
+        try:
+            return hidden_states(self, *args, **kwargs)
+        finally:
+            _on_mesh.reset(token)
+    return wrapped
+
+
 def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
     """'xla', 'blocked' or 'pallas' for a call of ``n_queries`` queries over ``n_keys`` keys.
 
     'auto': the exact path while all keys fit one key block (``n_keys <= BLOCK_K``: blocking would
     compute the same single block, so the exact path is as small and is the parity reference); beyond,
     the Pallas kernel for several queries (prefill, training) in a program traced for a TPU or GPU
-    (:func:`gptoss_jax.platform.current`), else the blocked path (its memory is O(T x block) instead of
+    (:func:`gptoss_jax.platform.current`) and a model not on a mesh (:func:`mesh_aware`), else the blocked path (its memory is O(T x block) instead of
     T x S scores, sliding layers do O(T x window) work, and a context-sized cache is read only up to
     the filled slots). Decode (one query) never takes the kernel: 'pallas' there means what 'auto' picks.
     """
@@ -95,7 +114,8 @@ def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
     if impl == "auto":
         if n_keys <= BLOCK_K:
             return "xla"
-        kernel = n_queries is not None and n_queries > 1 and gptoss_platform.current() in ("tpu", "gpu")
+        kernel = (n_queries is not None and n_queries > 1 and gptoss_platform.current() in ("tpu", "gpu")
+                  and not _on_mesh.get())
         return "pallas" if kernel else "blocked"
     return impl
 
