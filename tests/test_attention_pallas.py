@@ -24,6 +24,7 @@ from gptoss_jax.layers.attention import attend_kv_major, attention_kv_major, att
 SINKS = jnp.asarray([20.0, -20.0, 8.0, 0.0, -3.0, 12.0], jnp.float32)  # dominating, vanishing, ordinary
 B, NQ, NKV, D = 2, 6, 2, 16
 BLOCKS = dict(block_q=8, block_k=16)
+BAND_BLOCKS = dict(block_q=8, block_k=8)  # window 8, T 37: a band of 4 key steps < 5 key blocks (TPU)
 
 
 def _close(got, want):
@@ -39,24 +40,24 @@ def _qkv(t, s=None, seed=0):
             jax.random.normal(kv, (B, NKV, s, D)))
 
 
-def _kernel(backend, window):
+def _kernel(backend, window, blocks=BLOCKS):
     """The kernel in interpret mode, jitted as one program (one compile per test)."""
     return jax.jit(lambda q, k, v, s, qp, kp: flash_attention(q, k, v, s, qp, kp, window, backend=backend,
-                                                              interpret=True, **BLOCKS))
+                                                              interpret=True, **blocks))
 
 
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_window_padding_and_boundary(backend):
     """Row 0: positions 0..36, key 3's values 1000 (visible to queries 3..10 with window 8, so query 11,
     exactly the window away, must not see it); row 1: 5 padding slots, positions, 3 padding slots
-    (padded queries give 0)."""
+    (padded queries give 0). TPU: the banded grid (4 key steps of 5 blocks)."""
     t, w = 37, 8
     q, k, v = _qkv(t)
     v = v.at[0, :, 3].set(1000.0)
     row1 = np.full(t, -1)
     row1[5:t - 3] = np.arange(t - 8)
     pos = jnp.asarray(np.stack([np.arange(t), row1]), jnp.int32)
-    got = _kernel(backend, w)(q, k, v, SINKS, pos, pos)
+    got = _kernel(backend, w, BAND_BLOCKS)(q, k, v, SINKS, pos, pos)
     _close(got, attention_kv_major(q, k, v, SINKS, pos, pos, w))
     got = np.asarray(got)
     assert np.abs(got[0, 10]).max() > 1 and np.abs(got[0, 11]).max() < 50  # 10 - 8 < 3; 11 - 8 = 3

@@ -29,7 +29,8 @@ slots of a cache. Skipped blocks are neither read nor computed.
   heads of a KV head (GQA: each K/V block is read once for the group), scratch m / l / acc in VMEM
   across the key steps (the innermost, "arbitrary" axis). Key step ``j`` works on key block
   ``lo[i] + j`` while that is ``< hi[i]``; later steps repeat the last block index (no DMA) and
-  compute nothing.
+  compute nothing. Sliding layers take only :func:`band_steps` key steps (4 of 65 at window 128, 32k
+  tokens, blocks of 512) when the ranges fit, which they do for keys in position order.
 - GPU (Triton): grid (B, nq, query blocks); each program loops over its visited key blocks.
 
 Both read q and write the output in the model's [B, T, nq, D] layout (as [B, T, nq*D], a head's
@@ -125,19 +126,19 @@ def _tpu_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qp_ref, kp_ref, *rest, g, w
             o_ref[0, :, pl.ds(h * d, d)] = (acc_sc[h] / l_sc[h]).astype(o_ref.dtype)
 
 
-def _tpu_call(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk, interpret):
+def _tpu_call(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk, interpret, steps=None):
     """q [B, Tp, nq*D] (heads of KV head h in columns h*g*D ...), k/v [B, nkv, Sp, D], positions [B, Tp] /
     [B, Sp] -> [B, Tp, nq*D].
 
     q and the output keep the model's [B, T, nq, D] layout (no transposed copies; a [.., D=64] minor
     dim would also be padded to 128 lanes in HBM): block (1, bq, g*D) is the query block of one KV
-    head's group."""
+    head's group. ``steps``: key steps per query block (default all key blocks; at least max(hi - lo))."""
     from jax.experimental.pallas import tpu as pltpu
 
     b, tp, _ = q.shape
     nkv, sp, d = k.shape[1], k.shape[2], k.shape[3]
     g = q.shape[2] // (nkv * d)
-    nqb, nkb = tp // bq, sp // bk
+    nqb, nkb = tp // bq, steps or sp // bk
     has_seg = q_seg is not None
 
     def kblock(i, j, lo, hi):  # the key block of step j: lo[i] + j, clamped to the last visited one
@@ -289,9 +290,24 @@ def flash_forward(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=N
     lo, hi = block_ranges(q_pos, k_pos, jnp.zeros((), jnp.int32) if q_seg is None else q_seg,
                           jnp.zeros((), jnp.int32) if k_seg is None else k_seg, window, bq, bk)
     q = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, tp, nq * d)  # no transposed copy
-    call = _tpu_call if backend == TPU else _gpu_call
-    out = call(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk, interpret)
+    args = (q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, lo, hi, window, bq, bk, interpret)
+    band = band_steps(window, bq, bk)
+    if backend == GPU:  # each program loops over exactly its visited blocks
+        out = _gpu_call(*args)
+    elif band < sp // bk:  # a sliding layer: a grid of `band` key steps, unless some query block visits more
+        out = jax.lax.cond(jnp.max(hi - lo) <= band, lambda: _tpu_call(*args, steps=band), lambda: _tpu_call(*args))
+    else:
+        out = _tpu_call(*args)
     return out.reshape(b, tp, nq, d)[:, :t]
+
+
+def band_steps(window: int, bq: int, bk: int) -> int:
+    """Key blocks a query block of a sliding layer visits when keys are in position order (the chunk
+    after the ring, or a sequence): its visible positions span window - 1 + bq, i.e. at most
+    ceil((window - 1 + bq) / bk) + 1 blocks, + 1 for a ring ahead of the chunk. Unbounded (a large
+    number) for full layers. The TPU grid takes this many key steps instead of all key blocks when
+    every query block's range fits (checked at run time, else the full grid)."""
+    return -(-(window - 1 + bq) // bk) + 2 if window > 0 else 1 << 30
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 9, 10, 11, 12))
