@@ -275,7 +275,7 @@ def flash_forward(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=N
         raise ValueError(f"pallas attention: {why}")
     dq, dk = BLOCKS[backend]
     if backend == TPU:
-        bq = min(block_q or dq, _round_up(t, 8))
+        bq = min(block_q or dq, _round_up(t, 8 if interpret else 16))  # bf16 sublane tiles hold 16 rows
         bk = min(block_k or dk, _round_up(s, 8 if interpret else 128))
     else:  # Triton blocks are powers of two (at least 16 for the dots)
         bq, bk = min(block_q or dq, _pow2(max(t, 16))), min(block_k or dk, _pow2(max(s, 16)))
