@@ -153,3 +153,36 @@ def test_auto_keeps_blocked_path_on_a_mesh_and_aot_knows_the_impls():
         assert Model(object()).hidden_states() == "blocked" and Model(None).hidden_states() == "pallas"
         assert attention_path("pallas", 4096, 64) == "pallas"
     assert aot.ATTENTION_IMPLS == ATTENTION_IMPLS
+
+
+@pytest.mark.slow
+def test_model_chunked_prefill_through_the_kernel(tiny_model):
+    """The tiny model with every layer on 'pallas' (the kernel in interpret mode; platform chosen by
+    XLA when lowering): a chunked prefill through the cache (ring + chunk for sliding layers, the cache
+    for full ones, padding in row 1) and a forward without a cache match the exact path."""
+    from flax import nnx
+
+    from gptoss_jax.layers.attention import set_attention
+
+    model = nnx.clone(tiny_model)
+    rng = np.random.default_rng(10)
+    tokens = jnp.asarray(rng.integers(0, model.config.vocab_size, (B, 24)), jnp.int32)
+    row1 = np.full(24, -1)
+    row1[4:] = np.arange(20)
+    pos = jnp.asarray(np.stack([np.arange(24), row1]), jnp.int32)
+
+    def run(impl):
+        set_attention(model, impl)
+        cache = model.init_cache(B, 32)
+        outs = []
+        for a, b in ((0, 10), (10, 24)):
+            logits, cache = model(tokens[:, a:b], pos[:, a:b], cache)
+            outs.append(logits)
+        full, _ = model(tokens, pos)
+        return jnp.concatenate(outs, axis=1), full
+
+    want, want_full = run("xla")
+    got, got_full = run("pallas")
+    valid = np.asarray(pos) >= 0
+    _close(np.asarray(got)[valid], np.asarray(want)[valid])
+    _close(np.asarray(got_full)[valid], np.asarray(want_full)[valid])
