@@ -104,9 +104,9 @@ def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
     'auto': the exact path while all keys fit one key block (``n_keys <= BLOCK_K``: blocking would
     compute the same single block, so the exact path is as small and is the parity reference); beyond,
     the Pallas kernel for several queries (prefill, training) in a program traced for a TPU or GPU
-    (:func:`gptoss_jax.platform.current`) and a model not on a mesh (:func:`mesh_aware`), else the blocked path (its memory is O(T x block) instead of
-    T x S scores, sliding layers do O(T x window) work, and a context-sized cache is read only up to
-    the filled slots). Decode (one query) never takes the kernel: 'pallas' there means what 'auto' picks.
+    (:func:`gptoss_jax.platform.current`) of a model not on a mesh (:func:`mesh_aware`), else the
+    blocked path (its memory is O(T x block) instead of T x S scores, sliding layers do O(T x window)
+    work, and a context-sized cache is read only up to the filled slots). Decode (one query) never takes the kernel: 'pallas' there means what 'auto' picks.
     """
     impl = check_attention_impl(impl)
     if impl == "pallas" and n_queries == 1:
