@@ -34,6 +34,8 @@ import os
 import sys
 import time
 
+#: gptoss_jax.config.ATTENTION_IMPLS (not imported here: this module is imported before jax is configured).
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "pallas")
 PLUGINS = {
     "cuda": ("jax_plugins.xla_cuda12", "pip install --target /tmp/cudaplug --no-deps jax-cuda12-plugin==0.10.2 "
              "jax-cuda12-pjrt==0.10.2, then PYTHONPATH=/tmp/cudaplug"),
@@ -172,6 +174,18 @@ class Program:
     trainable: int = 0
 
 
+def _model(cfg, attention: str = "auto"):
+    """The abstract bf16 / MXFP4 model with every attention layer on ``attention`` (ATTENTION_IMPLS)."""
+    import jax.numpy as jnp
+
+    from gptoss_jax.checkpoint.shapes import abstract_model
+    from gptoss_jax.layers.attention import set_attention
+
+    model = abstract_model(cfg, jnp.bfloat16, "mxfp4")
+    set_attention(model, attention)
+    return model
+
+
 def _placed(tree, device):
     import jax
 
@@ -179,33 +193,31 @@ def _placed(tree, device):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def decode_program(cfg, device, batch: int, context: int) -> Program:
+def decode_program(cfg, device, batch: int, context: int, attention: str = "auto") -> Program:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
-    from gptoss_jax.checkpoint.shapes import abstract_model
 
-    graphdef, params = nnx.split(abstract_model(cfg, jnp.bfloat16, "mxfp4"))
+    graphdef, params = nnx.split(_model(cfg, attention))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     active = jax.ShapeDtypeStruct((batch,), bool)
     target = platform.of(device)
     return Program(jitted(target)[1], (target, graphdef, False, *_placed((params, state, active), device)))
 
 
-def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Program:
+def prefill_program(cfg, device, batch: int, context: int, tokens: int, attention: str = "auto") -> Program:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
-    from gptoss_jax.checkpoint.shapes import abstract_model
     from gptoss_jax.decode.sampling import SlotBias, SlotSampling
 
-    graphdef, params = nnx.split(abstract_model(cfg, jnp.bfloat16, "mxfp4"))
+    graphdef, params = nnx.split(_model(cfg, attention))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     sampling = jax.eval_shape(lambda: SlotSampling.empty(batch))
@@ -215,11 +227,12 @@ def prefill_program(cfg, device, batch: int, context: int, tokens: int) -> Progr
     return Program(jitted(target)[0], (target, graphdef, False, *_placed((params, *rest), device)))
 
 
-def train_program(cfg, device, batch: int, tokens: int, rank: int = 8) -> Program:
+def train_program(cfg, device, batch: int, tokens: int, rank: int = 8, attention: str = "auto") -> Program:
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from gptoss_jax.layers.attention import set_attention
     from gptoss_jax.model import GptOss
     from train import lora
     from train.config import OptimizerConfig
@@ -228,6 +241,7 @@ def train_program(cfg, device, batch: int, tokens: int, rank: int = 8) -> Progra
 
     model = nnx.eval_shape(lambda: lora.add_lora(GptOss(cfg, dtype=jnp.bfloat16, experts="mxfp4", rngs=nnx.Rngs(0)),
                                                  rank, 2.0 * rank))
+    set_attention(model, attention)
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
     params = to_tree(trainable)
@@ -245,8 +259,9 @@ def train_program(cfg, device, batch: int, tokens: int, rank: int = 8) -> Progra
 
 # ------------------------------------------------------------------------------------------- run
 def measure(target: str, model: str, part: str, batch: int, context: int, tokens: int | None = None,
-            device=None, dump: str | None = None) -> dict:
-    """Compile one program for ``target`` and return its JSON row (fields in the module docstring)."""
+            device=None, dump: str | None = None, attention: str = "auto") -> dict:
+    """Compile one program for ``target`` and return its JSON row (fields in the module docstring);
+    ``attention``: the attention implementation of every layer (ATTENTION_IMPLS)."""
     from benchmarks.hlo_traffic import traffic
     from gptoss_jax.config import get_preset
 
@@ -255,11 +270,11 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     if tokens is None:
         tokens = context - 1 if part == "decode" else min(context, 128)
     if part == "decode":
-        prog = decode_program(cfg, device, batch, context)
+        prog = decode_program(cfg, device, batch, context, attention)
     elif part == "prefill":
-        prog = prefill_program(cfg, device, batch, max(context, tokens), tokens)
+        prog = prefill_program(cfg, device, batch, max(context, tokens), tokens, attention)
     elif part == "train_step":
-        prog = train_program(cfg, device, batch, tokens)
+        prog = train_program(cfg, device, batch, tokens, attention=attention)
     else:
         raise ValueError(f"unknown part {part!r}; choose one of {PARTS}")
     t0 = time.perf_counter()
@@ -272,13 +287,15 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     t = traffic(text)
     if dump:
         os.makedirs(dump, exist_ok=True)
-        with open(os.path.join(dump, f"{target}_{model}_{part}_b{batch}_c{context}_t{tokens}.hlo"), "w") as f:
+        with open(os.path.join(dump, f"{target}_{model}_{part}_b{batch}_c{context}_t{tokens}_{attention}.hlo"),
+                  "w") as f:
             f.write(text)
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     hbm = cost.get("bytes accessed") if cost else None
     ideal = ideal_bytes(cfg, part, batch, tokens, context, prog.trainable)
     row = {"target": target, "model": model, "part": part, "batch": batch, "context": context, "tokens": tokens,
+           "attention": attention,
            "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
            "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": int(peak),
            "hbm_bytes": int(hbm if hbm is not None else t.bytes),
@@ -311,6 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=None,
                    help="decode: positions already cached (default context - 1); prefill/train_step: prompt "
                         "/ sequence length (default min(context, 128))")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                   help="attention implementation of every layer (see gptoss_jax.layers.attention.attention_path)")
     p.add_argument("--json", action="store_true", help="one JSON object per line (default: a markdown table)")
     p.add_argument("--dump", metavar="DIR", help="also write each program's optimized HLO text into DIR")
     args = p.parse_args(argv)
@@ -326,7 +345,8 @@ def main(argv=None) -> int:
         print(TABLE_HEADER)
     for part in args.part:
         for batch in args.batch:
-            row = measure(args.target, args.model, part, batch, args.context, args.tokens, device, args.dump)
+            row = measure(args.target, args.model, part, batch, args.context, args.tokens, device, args.dump,
+                          args.attention)
             print(json.dumps(row) if args.json else _table_row(row), flush=True)
     return 0
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptoss_jax.config import GptOssConfig
-from gptoss_jax.layers.attention import Attention
+from gptoss_jax.layers.attention import Attention, mesh_aware
 from gptoss_jax.layers.common import matmul, param
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.layers.moe import PACKED, MoE
@@ -55,6 +55,7 @@ class GptOss(nnx.Module):
         self.norm = RMSNorm(h, cfg.rms_norm_eps, dtype=dtype)
         self.unembedding = param((0.02 * jax.random.normal(rngs.params(), (v, h))).astype(dtype), ("vocab", "embed"))
 
+    @mesh_aware
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
                       cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None
                       ) -> tuple[jax.Array, list[LayerCache] | None]:

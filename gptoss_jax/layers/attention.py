@@ -9,13 +9,17 @@ additionally require ``q_seg[i] == k_seg[j]``, so packed samples never attend to
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
+from gptoss_jax.kernels.flash_attention import flash_attention, kernel_choice, unsupported
 from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
 from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
@@ -70,31 +74,62 @@ def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Arra
 def check_attention_impl(impl: str) -> str:
     """``impl`` if it names an implementation (ATTENTION_IMPLS: 'auto' picks per call, see
     :func:`attention_path`; 'xla' is the exact path above; 'blocked' the flash-style plain-JAX path of
-    :mod:`gptoss_jax.layers.flash`), else a ValueError listing them."""
+    :mod:`gptoss_jax.layers.flash`; 'pallas' the kernel of :mod:`gptoss_jax.kernels.flash_attention`),
+    else a ValueError listing them."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {ATTENTION_IMPLS}")
-    if impl == "pallas":
-        raise ValueError("attention implementation 'pallas' has no kernel in this build yet; use 'xla' or 'blocked'")
     return impl
 
 
-def attention_path(impl: str, n_keys: int) -> str:
-    """'xla' or 'blocked' for a call over ``n_keys`` keys.
+_on_mesh: contextvars.ContextVar[bool] = contextvars.ContextVar("gptoss_attention_on_mesh", default=False)
+
+
+def mesh_aware(hidden_states):
+    """Decorates ``GptOss.hidden_states``: while it traces a model placed on a mesh (``self.layout``),
+    'auto' does not pick the Pallas kernel (a kernel call is not partitioned by XLA: sharded operands
+    would be gathered; it is not wrapped in shard_map yet)."""
+    @functools.wraps(hidden_states)
+    def wrapped(self, *args, **kwargs):
+        token = _on_mesh.set(getattr(self, "layout", None) is not None)
+        try:
+            return hidden_states(self, *args, **kwargs)
+        finally:
+            _on_mesh.reset(token)
+    return wrapped
+
+
+def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
+    """'xla', 'blocked' or 'pallas' for a call of ``n_queries`` queries over ``n_keys`` keys.
 
     'auto': the exact path while all keys fit one key block (``n_keys <= BLOCK_K``: blocking would
-    compute the same single block, so the exact path is as small and is the parity reference),
-    the blocked path beyond (its memory is O(T x block) instead of T x S scores, sliding layers do
-    O(T x window) work, and a context-sized cache is read only up to the filled slots).
+    compute the same single block, so the exact path is as small and is the parity reference); beyond,
+    the Pallas kernel for several queries (prefill, training) in a program traced for a TPU or GPU
+    (:func:`gptoss_jax.platform.current`) of a model not on a mesh (:func:`mesh_aware`), else the
+    blocked path (its memory is O(T x block) instead of T x S scores, sliding layers do O(T x window)
+    work, and a context-sized cache is read only up to the filled slots). Decode (one query) never takes the kernel: 'pallas' there means what 'auto' picks.
     """
     impl = check_attention_impl(impl)
+    if impl == "pallas" and n_queries == 1:
+        impl = "auto"
     if impl == "auto":
-        return "xla" if n_keys <= BLOCK_K else "blocked"
+        if n_keys <= BLOCK_K:
+            return "xla"
+        kernel = (n_queries is not None and n_queries > 1 and gptoss_platform.current() in ("tpu", "gpu")
+                  and not _on_mesh.get())
+        return "pallas" if kernel else "blocked"
     return impl
 
 
 def attend_kv_major(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg=None, impl: str = "auto"):
     """:func:`attention_kv_major` (k/v [B, nkv, S, D]) by the implementation :func:`attention_path` picks."""
-    if attention_path(impl, k.shape[2]) == "blocked":
+    path = attention_path(impl, k.shape[2], q.shape[1])
+    if path == "pallas" and impl == "auto":  # traced for a TPU / GPU: kernel_choice() names the kernel
+        backend, interpret = kernel_choice()
+        if unsupported(backend, q.shape[2], k.shape[1], q.shape[3], interpret):
+            path = "blocked"  # heads the compiled kernel cannot tile (tiny test models)
+    if path == "pallas":
+        return flash_attention(q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg)
+    if path == "blocked":
         return block_attention_kv_major(q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg)
     return attention_kv_major(q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg)
 

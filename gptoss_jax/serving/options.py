@@ -67,8 +67,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, ckpt: bool = True, max_
     g.add_argument("--prefill-chunk", type=integer(1), default=256,
                    help="prompt tokens per prefill call (chunks of several short prompts share one call)")
     g.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
-                   help="attention path: auto (exact while the keys fit one block, blocked beyond), xla (exact), "
-                        "blocked (flash-style, memory O(tokens x block)), pallas")
+                   help="attention path: auto (exact while the keys fit one block, beyond: the Pallas kernel for "
+                        "prefill on TPU/GPU, else blocked), xla (exact), blocked (flash-style, memory O(tokens x "
+                        "block)), pallas (the Pallas kernel for prefill; decode keeps auto's path)")
     g.add_argument("--vocab", default=None,
                    help=f"o200k_base.tiktoken file or its folder (default ${VOCAB_ENV}, the tiktoken cache, "
                         "else download)")
