@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,3 +76,25 @@ def test_padding_and_empty_slots_are_invisible():
     assert not m[:, :2].any()  # padded keys never visible
     assert not m[:2].any()  # padded queries see nothing (their output is just the sink-weighted zero)
     np.testing.assert_array_equal(m[2:, 2:], np.tril(np.ones((3, 3), bool)))
+
+
+def test_project_out_contracts_both_axes_off_cpu_with_the_same_values():
+    """Off the CPU the output projection contracts (heads, head_dim) as stored (TPU would otherwise
+    convert the reshaped kernel to float32 every call); the CPU form merges them first. Same values."""
+    from gptoss_jax import platform
+    from gptoss_jax.layers.attention import project_out
+
+    rng = np.random.default_rng(0)
+    out = jnp.asarray(rng.integers(-3, 4, (2, 3, 4, 8)), jnp.float32)
+    w = jnp.asarray(rng.integers(-3, 4, (4, 8, 16)), jnp.float32)
+
+    def run(target):
+        def f(out, w):
+            with platform.lowering_for(target):
+                return project_out(out, w)
+        return str(jax.make_jaxpr(f)(out, w)), np.asarray(jax.jit(f)(out, w))
+
+    (tpu_jaxpr, tpu), (cpu_jaxpr, cpu) = run("tpu"), run("cpu")
+    assert "reshape" not in tpu_jaxpr and "reshape" in cpu_jaxpr
+    np.testing.assert_array_equal(tpu, cpu)
+    np.testing.assert_array_equal(cpu, np.einsum("btnd,ndh->bth", np.asarray(out), np.asarray(w)))

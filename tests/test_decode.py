@@ -350,3 +350,30 @@ def test_logprobs_and_prompt_logprobs_are_the_full_forward_log_softmax(engine, m
         np.testing.assert_allclose(values, np.sort(row)[::-1][:20], atol=1e-4)
     banned = engine.generate([p], dataclasses.replace(GREEDY, max_tokens=2, logit_bias=((c[0], -100.0),)))[0]
     assert banned[0] != c[0]
+
+
+def test_cache_write_keeps_bf16_off_the_cpu_with_the_same_cache():
+    """The cache write scatters bf16 as raw 16-bit words only in a program for the CPU; elsewhere the
+    values go as they are (on TPU the bits' bitcast forced a relayout of the whole cache per step).
+    Same cache either way, dropped (padding) writes included."""
+    from gptoss_jax import platform
+    from gptoss_jax.layers.kv_cache import init_cache, update_cache
+
+    cfg = gptoss_jax.get_preset("tiny")
+    cache = init_cache(cfg, 3, 8, jnp.bfloat16)[1]
+    shape = (3, 1, cfg.num_key_value_heads, cfg.head_dim)
+    k = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.bfloat16)
+    v = k * 2
+    positions = jnp.asarray([[5], [-1], [9]], jnp.int32)
+
+    def run(target):
+        def f(cache, k, v, positions):
+            with platform.lowering_for(target):
+                return update_cache(cache, k, v, positions)
+        return str(jax.make_jaxpr(f)(cache, k, v, positions)), jax.jit(f)(cache, k, v, positions)
+
+    (tpu_jaxpr, tpu), (cpu_jaxpr, cpu) = run("tpu"), run("cpu")
+    assert "bitcast_convert_type" not in tpu_jaxpr and "bitcast_convert_type" in cpu_jaxpr
+    for a, b in zip(tpu, cpu):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert float(jnp.abs(tpu.k[0, :, 5].astype(jnp.float32) - k[0, 0].astype(jnp.float32)).max()) == 0

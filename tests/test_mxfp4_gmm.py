@@ -141,3 +141,19 @@ def test_decode_with_a_kernel_takes_the_grouped_path():
     gathered = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, "gather", kernel="off")
     ours = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, kernel="interpret-gpu")
     np.testing.assert_allclose(np.asarray(ours), np.asarray(gathered), rtol=0, atol=1e-5 * float(jnp.abs(gathered).max()))
+
+
+@pytest.mark.parametrize("mode", ["interpret-gpu", "interpret"])
+def test_single_token_with_a_kernel_takes_the_gather_path(mode):
+    """One token's k experts are distinct: with a kernel it still takes the gather path (each selected
+    expert read once by its own matrix-vector product, no padding blocks), with the same output."""
+    rng = np.random.default_rng(3)
+    experts = _moe_experts(rng)
+    ids = jnp.asarray([[2, 0]], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((1, 64)) * 0.05, jnp.float32)
+    weights = jnp.asarray([[0.7, 0.3]], jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda x: experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, kernel=mode))(x))
+    assert "mxfp4_gmm_fwd" not in jaxpr
+    grouped = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, "grouped", kernel=mode)
+    ours = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, kernel=mode)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(grouped), rtol=0, atol=1e-5 * float(jnp.abs(grouped).max()))

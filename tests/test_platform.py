@@ -39,3 +39,33 @@ def test_dependent_is_static_inside_lowering_for_and_xla_chosen_otherwise():
 
     assert float(jax.jit(g)(jnp.float32(0))) == -1.0  # the entry point said gpu: the default branch
     assert platform.current() is None
+
+
+def _integer_valued(shape, seed, dtype=jnp.float32):
+    """Small integers as floats: every product and sum below is exact, in any order."""
+    return jnp.asarray(np.random.default_rng(seed).integers(-3, 4, shape), dtype)
+
+
+def test_matmul_pads_one_row_dots_of_mid_size_weights_for_gpu():
+    """XLA:GPU strength-reduces a one-row dot with a small weight into multiply + reduce and writes every
+    float32 product; in a program for the GPU, matmul gives such dots a zero row (same values)."""
+    from gptoss_jax.layers.common import GPU_PAD_MIN, GPU_SMALL_DOT, matmul
+
+    x = _integer_valued((1, 1, 1024), 0)
+    mid = _integer_valued((1024, 16, 64), 1)  # 2^20 elements: padded
+    small = _integer_valued((1024, 8, 8), 2)  # below GPU_PAD_MIN: not padded
+    assert GPU_PAD_MIN <= mid.size < GPU_SMALL_DOT and small.size < GPU_PAD_MIN
+    want = jnp.einsum("bth,hkd->btkd", x, mid, precision="highest")
+
+    def run(w, target):
+        def f(x, w):
+            with platform.lowering_for(target):
+                return matmul(x, w, "bth,hkd->btkd")
+        return str(jax.make_jaxpr(f)(x, w)), jax.jit(f)(x, w)
+
+    jaxpr, got = run(mid, "gpu")
+    assert "concatenate" in jaxpr
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert "concatenate" not in run(small, "gpu")[0]
+    assert "concatenate" not in run(mid, "tpu")[0]
+    assert "concatenate" not in run(mid, "cpu")[0]  # float32 x: no CPU padding either

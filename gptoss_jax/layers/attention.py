@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptoss_jax import platform as gptoss_platform
+from gptoss_jax import platform
 from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
 from gptoss_jax.kernels.flash_attention import flash_attention, kernel_choice, unsupported
-from gptoss_jax.layers.common import dense, lora_delta, param, precision_for
+from gptoss_jax.layers.common import dense, lora_delta, matmul, param, precision_for
 from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
 from gptoss_jax.layers.lora import AttentionLoRA
@@ -114,7 +114,7 @@ def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
     if impl == "auto":
         if n_keys <= BLOCK_K:
             return "xla"
-        kernel = (n_queries is not None and n_queries > 1 and gptoss_platform.current() in ("tpu", "gpu")
+        kernel = (n_queries is not None and n_queries > 1 and platform.current() in ("tpu", "gpu")
                   and not _on_mesh.get())
         return "pallas" if kernel else "blocked"
     return impl
@@ -220,7 +220,24 @@ class Attention(nnx.Module):
         return self._project_out(out), cache
 
     def _project_out(self, out: jax.Array) -> jax.Array:
-        """[B, T, nq, D] -> [B, T, H], as one contraction axis (XLA:CPU upcasts bf16 dots contracting two)."""
+        """[B, T, nq, D] -> [B, T, H] (:func:`project_out`) with the bias and, when attached, the LoRA update."""
+        y = project_out(out, self.o_kernel[...])
+        delta = self._lora("o", out)
+        if delta is not None:
+            y = y + delta
+        return (y + self.o_bias[...].astype(jnp.float32)).astype(out.dtype)
+
+
+def project_out(out: jax.Array, o_kernel: jax.Array) -> jax.Array:
+    """out [B, T, nq, D] times ``o_kernel`` [nq, D, H] -> float32 [B, T, H].
+
+    In a program compiled for the CPU the heads are merged into one contraction axis first (XLA:CPU
+    upcasts bf16 dots contracting two); elsewhere both axes are contracted as stored: on TPU the merged
+    form makes XLA convert the whole kernel to a float32 copy before reshaping it, every call (5x its
+    bytes at batch 1). Same products and sums either way.
+    """
+    def merged(out, w):
         b, t, nq, d = out.shape
-        o_kernel = self.o_kernel[...].reshape(nq * d, -1)
-        return dense(out.reshape(b, t, nq * d), o_kernel, "btf,fh->bth", self.o_bias[...], self._lora("o", out))
+        return matmul(out.reshape(b, t, nq * d), w.reshape(nq * d, -1), "btf,fh->bth")
+
+    return platform.dependent(out, o_kernel, cpu=merged, default=lambda out, w: matmul(out, w, "btnd,ndh->bth"))

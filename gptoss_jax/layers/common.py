@@ -28,6 +28,13 @@ def precision_for(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
+#: XLA:GPU strength-reduces a one-row dot into multiply + reduce below this many weight elements
+#: (``IsMatrixMultiplicationTooSmallForRewriting``'s threshold in its algebraic simplifier).
+GPU_SMALL_DOT = 10_000_000
+#: ... and :func:`matmul` pads such dots to two rows from this many weight elements on.
+GPU_PAD_MIN = 1 << 20
+
+
 def matmul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
     """``einsum(spec, x, w)`` with x's dtype operands and a float32 result.
 
@@ -36,6 +43,13 @@ def matmul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
     for the CPU (:func:`gptoss_jax.platform.dependent`) a one-row ``x`` (decode at batch 1) gets a zero
     row appended along its first axis, which must be a batch axis that leads the output too (true for
     every spec in this package; no ``...`` in ``spec``).
+
+    XLA:GPU rewrites a one-row dot with a small weight (under :data:`GPU_SMALL_DOT` elements) into a
+    multiply and a reduce, and then emits the multiply as its own kernel writing every float32
+    product (the k and v projections at batch 1: 4x the weight's bytes); two rows keep it a GEMM that
+    reads the weight once. So in a program compiled for the GPU a one-row ``x`` gets the same zero
+    row when the weight has :data:`GPU_PAD_MIN` to :data:`GPU_SMALL_DOT` elements (smaller weights:
+    the extra launches cost more than the products).
     """
     w = w.astype(x.dtype)
     x_axes, out_axes = spec.split(",")[0], spec.split("->")[1]
@@ -47,8 +61,11 @@ def matmul(x: jax.Array, w: jax.Array, spec: str) -> jax.Array:
     def padded(x, w):
         return product(jnp.concatenate([x, jnp.zeros_like(x)], axis=0), w)[:1]
 
-    if rows == 1 and x.dtype != jnp.float32:
-        return platform.dependent(x, w, cpu=padded, default=product)
+    if rows == 1:
+        cpu = padded if x.dtype != jnp.float32 else None
+        gpu = padded if GPU_PAD_MIN <= w.size < GPU_SMALL_DOT else None
+        if cpu is not None or gpu is not None:
+            return platform.dependent(x, w, cpu=cpu, gpu=gpu, default=product)
     return product(x, w)
 
 

@@ -90,9 +90,17 @@ def _write_keeping_old(cache: LayerCache, k: jax.Array, v: jax.Array, positions:
 
 
 def _scatter(buf: jax.Array, rows: jax.Array, slot: jax.Array, new: jax.Array, mode: str) -> jax.Array:
-    """buf[rows, :, slot] = new ([B, T, nkv, D]); 16-bit values as raw bits (XLA:CPU scatters bf16
-    through a float32 copy of the whole cache)."""
-    raw = jnp.uint16 if buf.dtype.itemsize == 2 else buf.dtype
-    bits = jax.lax.bitcast_convert_type(buf, raw)
-    new = jax.lax.bitcast_convert_type(new.astype(buf.dtype), raw)
-    return jax.lax.bitcast_convert_type(bits.at[rows, :, slot].set(new, mode=mode), buf.dtype)
+    """buf[rows, :, slot] = new ([B, T, nkv, D]). In a program for the CPU 16-bit values go as raw bits
+    (XLA:CPU scatters bf16 through a float32 copy of the whole cache); elsewhere as they are: on TPU
+    the bits' bitcast pins the cache to a layout other than the one attention reads, and XLA then
+    relayouts the whole cache twice per step (8x the full layers' KV bytes at batch 1)."""
+    def plain(buf, new):
+        return buf.at[rows, :, slot].set(new.astype(buf.dtype), mode=mode)
+
+    def as_bits(buf, new):
+        raw = jnp.uint16 if buf.dtype.itemsize == 2 else buf.dtype
+        bits = jax.lax.bitcast_convert_type(buf, raw)
+        new = jax.lax.bitcast_convert_type(new.astype(buf.dtype), raw)
+        return jax.lax.bitcast_convert_type(bits.at[rows, :, slot].set(new, mode=mode), buf.dtype)
+
+    return platform.dependent(buf, new, cpu=as_bits, default=plain)

@@ -15,7 +15,8 @@ Neither computes an expert for a token that did not select it.
 
 Packed experts on GPU / TPU run the grouped path as one Pallas kernel per projection
 (:mod:`gptoss_jax.kernels.mxfp4_gmm`: MXFP4 decoded inside the kernel, each selected expert's bytes read
-once per call, also for decode, so the batch's rows share their experts' reads); elsewhere the
+once per call, also for decode from two tokens on, so the batch's rows share their experts' reads; a
+single token takes the gather path); elsewhere the
 block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` overrides it
 (``off``, ``tpu``, ``gpu``, ``interpret`` = the TPU kernel in Pallas interpret mode, ``interpret-gpu``).
 
@@ -218,12 +219,14 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     experts held by other devices so); per-expert leaves are read through ``take_experts``.
     ``lora_dropout``: (key, rate) for the LoRA adapters' inputs while training, else None.
     ``kernel``: a :data:`KERNEL_MODES` entry for packed experts (default: :func:`kernel_choice`'s); with a
-    kernel the default path is grouped at every size (each selected expert read once, whatever the batch).
+    kernel the default path is grouped from two tokens on (each selected expert read once, whatever the
+    batch), and gather for a single token: its k experts are distinct, so each is read exactly once by
+    its own fused matrix-vector product, with no padding blocks, planes or scatters around a kernel.
     """
     n, k = ids.shape
     use = kernel_choice(kernel) if "gate_up_blocks" in experts else None
     if path is None:
-        path = "gather" if n * k <= num_experts and use is None else "grouped"
+        path = "gather" if n * k <= num_experts and (use is None or n == 1) else "grouped"
     flat = ids.reshape(-1)
     if path == "gather":
         xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
