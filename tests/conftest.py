@@ -90,3 +90,11 @@ def tiny_converted(tmp_path_factory, tiny_hf):
     from convert import convert_checkpoint
 
     return convert_checkpoint(tiny_hf, tmp_path_factory.mktemp("tiny_converted") / "ckpt", progress=False)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that talk to a real `gptoss-jax serve` process (the test_server* modules' ``server``
+    and ``served`` fixtures, which start one: about 20-60 s a module on 2 cores) are in the slow tier."""
+    for item in items:
+        if item.module.__name__.split(".")[-1].startswith("test_server") and {"server", "served"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
