@@ -103,6 +103,7 @@ def _interleaved_run(runner):
     return np.stack(steps), jax.tree.map(np.asarray, runner.state.cache)
 
 
+@pytest.mark.slow
 def test_decode_write_dropping_idle_rows_equals_the_cpu_write(model, monkeypatch):
     """The decode step as compiled for a GPU/TPU (idle rows' cache writes dropped, no old value read,
     so the scatter is in place) gives the same logits and caches as the CPU program's write (idle rows
@@ -330,6 +331,7 @@ def test_packed_matvec_equals_the_unpacked_product():
     np.testing.assert_array_equal(np.asarray(mxfp4.e2m1_values(jnp.arange(16))), mxfp4.FP4_VALUES)
 
 
+@pytest.mark.slow
 def test_logprobs_and_prompt_logprobs_are_the_full_forward_log_softmax(engine, model):
     """Greedy: each generated token's logprob (and its top alternatives) and each prompt token's logprob
     (a 45-token prompt, two chunks) equal the log-softmax of the full forward's logits; a logit_bias

@@ -92,6 +92,7 @@ def test_decode_reads_ring_after_wrap_around():
     _close(block_attention_kv_major(q, cache.k, cache.v, SINKS, q_pos, cache.pos, w, block_k=3), want)
 
 
+@pytest.mark.slow
 def test_chunk_against_ring_and_itself():
     """A prefill chunk of a sliding layer: the ring before the chunk (wrapped, unordered) + the chunk."""
     w, t = 8, 20
@@ -107,6 +108,7 @@ def test_chunk_against_ring_and_itself():
     _close(block_attention_kv_major(q, keys, values, SINKS, q_pos, k_pos, w, block_q=4, block_k=4), want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window", [0, 8])
 def test_gradients_match_exact(window):
     t = 29

@@ -131,6 +131,7 @@ def test_full_download_prefers_transformers_layout(tmp_path, tiny_hf, tiny_origi
         np.testing.assert_array_equal(np.asarray(model.unembedding[...]), np.asarray(tiny_model.unembedding[...]))
 
 
+@pytest.mark.slow
 def test_dense_expert_checkpoint_loads(tmp_path, tiny_cfg, tiny_hf):
     """transformers-layout checkpoints with dequantized (bf16) experts, as community copies store them."""
     dense = write_random_checkpoint(tmp_path / "dense", tiny_cfg, experts="dense", seed=3)

@@ -36,6 +36,7 @@ def test_fp32_logits_match_transformers(layout, experts, tiny_hf, tiny_original,
     assert err <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_equals_each_row_alone(side, tiny_hf, hf_reference, tiny_cfg):
     rng = np.random.default_rng(3)

@@ -129,6 +129,7 @@ def test_experts_forward_through_the_kernel_matches_the_scan(mode, routing):
     assert float(jnp.abs(y_ref).max()) > 0
 
 
+@pytest.mark.slow
 def test_decode_with_a_kernel_takes_the_grouped_path():
     """With a kernel, few tokens also go through the grouped kernel (one read per selected expert)."""
     rng = np.random.default_rng(2)

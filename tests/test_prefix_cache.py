@@ -43,6 +43,7 @@ def test_block_hashes_chain():
     assert block_hashes(SHARED[16:32], CHUNK)[0] != a[1]  # same ids, other parent: another block
 
 
+@pytest.mark.slow
 def test_cached_tokens_equal_uncached(model, plain):
     engine = Engine(model, max_batch=SLOTS, context=CONTEXT, prefill_chunk=CHUNK, prefix_cache_blocks=16)
     prompts = [SHARED + ids(1, 9),        # miss: saves 4 blocks

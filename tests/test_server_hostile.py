@@ -249,6 +249,7 @@ def test_crash_and_stream_failure_are_json(inproc):
     assert lines[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow
 def test_render_time_budget(o200k_path):
     """A call over the budget kills its worker and raises; a fresh worker takes the next call."""
     import asyncio

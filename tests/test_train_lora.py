@@ -89,6 +89,7 @@ def test_lora_overfits_a_tiny_dataset(lora_run):
     assert losses[-1] <= 0.1 * losses[0]
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_base_stays_packed_and_bit_identical(lora_run):
     state, params = lora_run["state"], lora_run["params"]
     assert params.keys() == lora_run["start"].keys()
