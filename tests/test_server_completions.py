@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.serving import CONTEXT, KEY, MODEL, assert_openai_error, running_server, wait_idle
+from tests.serving import CONTEXT, KEY, MODEL, ReplayRequest, assert_openai_error, running_server, wait_idle
 
 PROMPT = "<|start|>user<|message|>The capital of France is"
 #: float32 through three layers, chunked prefill against one full forward: the engine tests' bound
@@ -212,23 +212,13 @@ def test_disconnect_frees_the_slots(client, server):
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].finish_reason
 
 
-class FixedRequest:
+class FixedRequest(ReplayRequest):
     """Stands in for an engine Request: fixed ids (each with logprob -1, itself its only alternative)."""
 
     def __init__(self, tokens, stop_ids=(200002,)):
-        self.tokens, self.finish_reason, self.cancelled = tokens, None, False
+        super().__init__(tokens)
         self.params = type("Params", (), {"stop_token_ids": stop_ids})
         self.logprobs, self.prompt_logprobs = [(-1.0, [t], [-1.0]) for t in tokens], None
-
-    async def aiter(self):
-        for t in self.tokens:
-            if self.cancelled:
-                break
-            yield t
-        self.finish_reason = "cancelled" if self.cancelled else "stop"
-
-    def cancel(self):
-        self.cancelled = True
 
 
 @pytest.mark.parametrize("stops", [[], ["京 i"]], ids=["no-stop", "stop"])

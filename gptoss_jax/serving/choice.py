@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from gptoss_jax.harmony import ChatFormat, Delta
 from gptoss_jax.serving.api import ApiError
-from gptoss_jax.serving.streams import StopStrings
+from gptoss_jax.serving.streams import Endable, StopStrings
 
 
-class Choice:
+class Choice(Endable):
     """One generated answer: the engine request, its harmony parser (reasoning, tool calls) and the
     content sent so far (cut at a stop string)."""
 
@@ -23,12 +23,7 @@ class Choice:
         self.reasoning_tokens = 0  # text tokens of analysis messages
         self.content = ""
         self.finish_reason: str | None = None
-        self.cut = False  # ended by the server's shutdown: finish_reason "length"
 
-    def end(self) -> None:
-        """End generation now (shutdown): the answer so far is returned with finish_reason "length"."""
-        self.cut = True
-        self.request.cancel()
 
     async def deltas(self):
         """Async iterator of Deltas (stop strings applied to the content); sets ``finish_reason``."""

@@ -22,14 +22,13 @@ The request is parsed, checked and tokenized in the render workers
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 from fastapi import Depends, FastAPI, Request
 
 from gptoss_jax.serving.api import DEFAULT_MAX_TOKENS, ApiError, CompletionRequest
-from gptoss_jax.serving.streams import StopStrings, merge
+from gptoss_jax.serving.streams import Endable, StopStrings, merge
 from gptoss_jax.tokenizer import TextStream
 
 
@@ -42,7 +41,7 @@ def token_text(tokenizer, token: int) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
-class TextChoice:
+class TextChoice(Endable):
     """One generated text: the engine request, its incremental UTF-8 decoding (a character split over
     tokens comes out whole), stop strings, and the legacy logprobs entries of its tokens.
 
@@ -62,12 +61,7 @@ class TextChoice:
         self.sent = 0  # entries already streamed
         self.tokens = 0
         self.finish_reason: str | None = None
-        self.cut = False  # ended by the server's shutdown: finish_reason "length"
 
-    def end(self) -> None:
-        """End generation now (shutdown): the text so far is returned with finish_reason "length"."""
-        self.cut = True
-        self.request.cancel()
 
     async def deltas(self):
         """Async iterator of text pieces (the echoed prompt first, once its logprobs are known); sets
@@ -193,19 +187,13 @@ def add_completion_routes(app: FastAPI, server) -> None:
     async def completions(request: Request):
         body, prompts = await server.prepare(await request.body(), "completions")
         server.find_model(body.model)
-        if refused := body.unsupported():
-            name, value = refused
-            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
-                           param=name, code="unsupported_parameter")
+        server.refuse_unsupported(body)
         choices = submit(server, body, prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return server.streaming(completion_chunks(head, prompts, choices, include_usage), choices)
-        try:
-            await server.collect(request, choices)
-        finally:
-            server.release(choices)
+        await server.finish(request, choices)
         return {**head, "object": "text_completion", "choices": [c.json() for c in choices],
                 "usage": usage(prompts, choices)}
 

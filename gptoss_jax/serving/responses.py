@@ -408,13 +408,6 @@ def submit(server, body: ResponsesRequest, prompt: list[int]):
     return [server.track(Choice(0, request, server.fmt, []))]
 
 
-def refuse_unsupported(body: ResponsesRequest) -> None:
-    if refused := body.unsupported():
-        name, value = refused
-        raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
-                       param=name, code="unsupported_parameter")
-
-
 def add_response_routes(app: FastAPI, server, store: ResponseStore, effort: str = "medium") -> None:
     """``POST /v1/responses`` (streaming or not), ``GET`` and ``DELETE /v1/responses/{id}`` (``effort``: the
     reasoning effort of requests without one)."""
@@ -423,7 +416,7 @@ def add_response_routes(app: FastAPI, server, store: ResponseStore, effort: str 
         raw = await request.body()
         body, prompt = await server.prepare(raw, "responses")
         server.find_model(body.model)
-        refuse_unsupported(body)
+        server.refuse_unsupported(body)
         if prompt is None:  # continues a stored response: render its conversation, then the new input
             _, history = store.get(body.previous_response_id, param="previous_response_id")
             body, prompt = await server.prepare(raw, "responses", history)

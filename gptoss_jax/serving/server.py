@@ -130,6 +130,15 @@ class Server:
         # the schema bounds every field; the engine stops at the end of the context whatever max_tokens says
         return dataclasses.replace(self.default_params, **fields)
 
+    @staticmethod
+    def refuse_unsupported(body) -> None:
+        """400 ``unsupported_parameter`` naming the first field of ``body`` (a :class:`Refusing`) that this
+        server does not do and that would change the answer."""
+        if refused := body.unsupported():
+            name, value = refused
+            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
+                           param=name, code="unsupported_parameter")
+
     def check_length(self, prompt: list[int], param: str = "messages") -> None:
         if len(prompt) >= self.context:
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens, but the {param} "
@@ -199,6 +208,13 @@ class Server:
                 with contextlib.suppress(asyncio.CancelledError):
                     await work
                 raise ApiError(499, "client disconnected")
+
+    async def finish(self, request: Request, choices) -> None:
+        """:meth:`collect`, then release the choices however it ended."""
+        try:
+            await self.collect(request, choices)
+        finally:
+            self.release(choices)
 
     async def sse(self, events, choices, frame=None, done: str = "data: [DONE]\n\n"):
         """Server-sent events of the ``events`` async iterator (dicts, each framed by ``frame``, by default
@@ -292,19 +308,13 @@ def add_chat_routes(app: FastAPI, server: Server) -> None:
     async def chat_completions(request: Request):
         body, prompt = await server.prepare(await request.body())
         server.find_model(body.model)
-        if refused := body.unsupported():
-            name, value = refused
-            raise ApiError(400, f"'{name}' is not supported by this server (got {json.dumps(value)})",
-                           param=name, code="unsupported_parameter")
+        server.refuse_unsupported(body)
         choices = server.submit(body, prompt)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return server.streaming(chat_chunks(head, prompt, choices, include_usage), choices)
-        try:
-            await server.collect(request, choices)
-        finally:
-            server.release(choices)
+        await server.finish(request, choices)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": c.index, "message": c.message(), "logprobs": c.logprobs_json(),
                              "finish_reason": c.finish_reason} for c in choices],

@@ -1,8 +1,19 @@
 """Output-stream pieces every endpoint shares: cutting text at stop strings, interleaving the async
-iterators of a request's choices."""
+iterators of a request's choices, ending an answer at shutdown."""
 from __future__ import annotations
 
 import asyncio
+
+
+class Endable:
+    """An answer (with an engine ``request``) the server's shutdown can end: :meth:`end` cancels it and
+    marks it ``cut``, so its finish_reason is "length" and what was generated so far is returned."""
+
+    cut = False
+
+    def end(self) -> None:
+        self.cut = True
+        self.request.cancel()
 
 
 class StopStrings:
