@@ -162,8 +162,13 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     dest = (padded_end - padded)[sorted_ids] + jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_ids]
     dest = jnp.where(sorted_ids < e, dest, num_blocks * bsz)  # empty slots (id E) go to no block
 
+    # block row r holds sorted row src[r] (m: a padding row, zeros). A gather, not zeros + scatter: XLA:GPU
+    # fused every layer's zero [rows, d_in] buffers into one broadcast kept live for the whole program
+    # (52 of the 56 GB of temporaries of a 20b prefill of 32,768 tokens)
+    src = jnp.full((num_blocks * bsz,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+
     def to_blocks(rows):
-        return jnp.zeros((num_blocks * bsz, d_in), x.dtype).at[dest].set(rows, mode="drop").reshape(num_blocks, bsz, d_in)
+        return jnp.take(rows, src, axis=0, mode="fill", fill_value=0).reshape(num_blocks, bsz, d_in)
 
     lora = f"{name}_lora_a" in experts
     xb = to_blocks(x)
@@ -239,7 +244,8 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
         xs = x[order // k]
         h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout, use), alpha, limit)
         y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout, use)
-        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        y = jnp.take(y_sorted, inverse, axis=0)  # unsorted by a gather: no zero buffer per layer (see above)
     else:
         raise ValueError(f"unknown expert path {path!r}")
     y = y.reshape(n, k, -1).astype(jnp.float32)
