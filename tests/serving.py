@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import openai
 import pytest
 
 from convert.synthetic import write_random_checkpoint
@@ -65,6 +66,29 @@ def running_server(tmp, vocab: str, *extra: str):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def openai_client(server: str, timeout: float = 120) -> openai.OpenAI:
+    """The official client for the server at ``server`` (our key, no retries)."""
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=timeout)
+
+
+def leave_mid_stream(server: str, path: str, body: dict, first: str = "data: {") -> None:
+    """POST ``body`` streamed to ``path`` and leave once a line starting with ``first`` arrived (the
+    first chunk: generation is under way)."""
+    with httpx.stream("POST", f"{server}{path}", json={**body, "stream": True}, timeout=60,
+                      headers={"authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while not next(lines).startswith(first):
+            pass
+
+
+def give_up_waiting(server: str, path: str, body: dict) -> None:
+    """POST ``body`` unstreamed to ``path`` and give up after 0.5 s, as an impatient client does."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}{path}", timeout=0.5, headers={"authorization": f"Bearer {KEY}"},
+                   json={**body, "stream": False})
 
 
 def health(server) -> dict:

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import (CONTEXT, KEY, MESSAGES, MODEL, ReplayEngine, assert_openai_error, health, raw_post,
-                           running_server, wait_idle)
+from tests.serving import (CONTEXT, KEY, MESSAGES, MODEL, ReplayEngine, assert_openai_error, give_up_waiting, health,
+                           leave_mid_stream, openai_client, raw_post, running_server, wait_idle)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def server(tmp_path_factory, o200k_path):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def test_models(client):
@@ -155,19 +155,12 @@ def test_errors(client, server):
 def test_disconnect_mid_stream_frees_the_slot(client, server):
     before = wait_idle(server)
     body = {"model": MODEL, "messages": MESSAGES, "stream": True, "max_tokens": CONTEXT, "temperature": 1.0}
-    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60,
-                      headers={"authorization": f"Bearer {KEY}"}) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        while not next(lines).startswith("data: {"):  # the first chunk arrived: generation is under way
-            pass
+    leave_mid_stream(server, "/v1/chat/completions", body)
     # the client is gone: the server cancels the request and the engine frees its slot
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 1
     # a non-streaming client that gives up is noticed too
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server}/v1/chat/completions", timeout=0.5, headers={"authorization": f"Bearer {KEY}"},
-                   json={**body, "stream": False})
+    give_up_waiting(server, "/v1/chat/completions", body)
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 2
     # and the server still serves

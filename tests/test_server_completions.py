@@ -11,7 +11,8 @@ import numpy as np
 import openai
 import pytest
 
-from tests.serving import CONTEXT, KEY, MODEL, ReplayRequest, assert_openai_error, running_server, wait_idle
+from tests.serving import (CONTEXT, KEY, MODEL, ReplayRequest, assert_openai_error, give_up_waiting, leave_mid_stream,
+                           openai_client, running_server, wait_idle)
 
 PROMPT = "<|start|>user<|message|>The capital of France is"
 #: float32 through three layers, chunked prefill against one full forward: the engine tests' bound
@@ -34,7 +35,7 @@ def server(served):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -198,16 +199,9 @@ def test_disconnect_frees_the_slots(client, server):
     """A client that leaves (mid-stream, or a non-streaming one timing out) has its requests cancelled."""
     before = wait_idle(server)
     body = {"model": MODEL, "prompt": [PROMPT, PROMPT], "stream": True, "max_tokens": CONTEXT, "temperature": 1.0}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60,
-                      headers={"authorization": f"Bearer {KEY}"}) as r:
-        assert r.status_code == 200
-        lines = r.iter_lines()
-        while not next(lines).startswith("data: {"):  # the first chunk arrived: generation is under way
-            pass
+    leave_mid_stream(server, "/v1/completions", body)
     assert wait_idle(server)["cancelled"] == before["cancelled"] + 2
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{server}/v1/completions", timeout=0.5, headers={"authorization": f"Bearer {KEY}"},
-                   json={**body, "stream": False})
+    give_up_waiting(server, "/v1/completions", body)
     assert wait_idle(server)["cancelled"] == before["cancelled"] + 4
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].finish_reason
 

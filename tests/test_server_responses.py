@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import KEY, MODEL, ReplayEngine, ReplayRequest, running_server, wait_idle
+from tests.serving import (KEY, MODEL, ReplayEngine, ReplayRequest, leave_mid_stream, openai_client, running_server,
+                           wait_idle)
 
 QUESTION = "What is 2 + 2?"
 
@@ -23,7 +24,7 @@ def server(tmp_path_factory, o200k_path):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -167,10 +168,7 @@ def test_errors(server, client, fields, status, code, param):
 def test_stream_client_leaves(server):
     before = wait_idle(server)
     body = {"model": MODEL, "input": "Tell me a story.", "max_output_tokens": 300, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/responses", json=body, headers={"authorization": f"Bearer {KEY}"},
-                      timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines) == "event: response.created"
+    leave_mid_stream(server, "/v1/responses", body, first="event: response.created")
     after = wait_idle(server)
     assert after["cancelled"] == before["cancelled"] + 1
 
