@@ -6,9 +6,12 @@ padding block: zero output, nothing read). Weights stay packed in HBM: ``blocks`
 decodes its weight tile (E2M1 codes and E8M0 scales, integer arithmetic) to the activation dtype in
 VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever written to HBM.
 
-- :func:`gmm`: ``y[b] = x[b] @ W_e^T``  x [nb*bsz, K] -> float32 [nb*bsz, N];
+- :func:`gmm`: ``y[b] = x[b] @ W_e^T``  x [nb*bsz, K] -> float32 [nb*bsz, N]; with ``bias`` [E, N] and
+  ``out_dtype``: ``(x[b] @ W_e^T + bias[e]).astype(out_dtype)`` (the float32 sum rounded once, as the
+  same sum outside would be; a bf16 output halves the [rows, N] buffer a prefill keeps live);
 - :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
-- :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen).
+- :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen;
+  the bias gets its per-expert sum of dy).
 
 TPU weights may come as :func:`tpu_words` (u32 [E, N, K/8]) instead of u8 blocks.
 
@@ -103,13 +106,17 @@ def _tpu_weight_planes(w_ref, s_ref, dtype):
         yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
 
 
-def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, o_ref, *, num_experts, dtype):
+def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, *refs, num_experts, dtype):
+    *b_ref, o_ref = refs  # b_ref: [the bias tile [1, 1, tn]] or []
+
     @pl.when(be_ref[pl.program_id(1)] < num_experts)
     def _():
         acc = jnp.zeros(o_ref.shape, jnp.float32)
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
             acc += _dot(x_ref[j], wj, ((1,), (1,)), dtype)
-        o_ref[...] = acc
+        if b_ref:
+            acc += b_ref[0][0].astype(jnp.float32)  # [1, tn] row, broadcast over the block's rows
+        o_ref[...] = acc.astype(o_ref.dtype)
 
     @pl.when(be_ref[pl.program_id(1)] >= num_experts)
     def _():
@@ -133,7 +140,7 @@ def _tile(n: int, cap: int = 1024) -> int:
     return max([t for t in range(128, min(n, cap) + 1, 128) if n % t == 0], default=n)
 
 
-def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
+def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, bias=None, out_dtype=jnp.float32):
     from jax.experimental.pallas import tpu as pltpu
 
     e, n, g = scales.shape
@@ -146,14 +153,15 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
     if kind == "fwd":
         x = _planes(a.astype(dtype), 8)  # [8, M, W]
         grid = (n // tn, nb)
+        bias_spec = [] if bias is None else [pl.BlockSpec((1, 1, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))]
         spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=grid,
             in_specs=[pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
                       pl.BlockSpec((1, tn, w), lambda j, b, be, ei, xb: (ei[b], j, 0)),
-                      pl.BlockSpec((1, tn, g), lambda j, b, be, ei, xb: (ei[b], j, 0))],
+                      pl.BlockSpec((1, tn, g), lambda j, b, be, ei, xb: (ei[b], j, 0)), *bias_spec],
             out_specs=pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j)))
         kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype)
-        out_shape = jax.ShapeDtypeStruct((nb * bsz, n), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((nb * bsz, n), out_dtype)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize * (n // tn)
     else:
         x = a.astype(dtype)  # dy [M, N]
@@ -169,11 +177,13 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
         out_shape = jax.ShapeDtypeStruct((8, nb * bsz, w), jnp.float32)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize
     # weights: forward fetches each selected expert once (at most min(E, nb)); the transposed product once per block
-    nbytes += (words.size * 4 + scales.size) // e * (min(e, nb) if kind == "fwd" else nb) + out_shape.size * 4
+    nbytes += (words.size * 4 + scales.size) // e * (min(e, nb) if kind == "fwd" else nb) \
+        + out_shape.size * jnp.dtype(out_shape.dtype).itemsize
+    extra = () if bias is None else (bias.reshape(e, 1, n),)
     out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
                          interpret=interpret, name=f"mxfp4_gmm_{kind}",
                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
-                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales)
+                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales, *extra)
     return out if kind == "fwd" else _unplanes(out)
 
 
@@ -186,7 +196,8 @@ def _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype):
     return tuple((mxfp4.e2m1_values(_codes(byte, j)) * sc).astype(dtype) for j in range(2))
 
 
-def _gpu_fwd_kernel(be_ref, x_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
+def _gpu_fwd_kernel(be_ref, x_ref, blocks_ref, scales_ref, *refs, num_experts, bsz, tn, dtype):
+    *b_ref, o_ref = refs  # b_ref: [bias [E, N]] or []
     b, nt = pl.program_id(0), pl.program_id(1)
     eid = be_ref[b]
     valid = eid < num_experts
@@ -200,11 +211,14 @@ def _gpu_fwd_kernel(be_ref, x_ref, blocks_ref, scales_ref, o_ref, *, num_experts
 
     @pl.when(valid)
     def _():
-        o_ref[rows, rows_n] = jax.lax.fori_loop(0, blocks_ref.shape[2], step, jnp.zeros((bsz, tn), jnp.float32))
+        acc = jax.lax.fori_loop(0, blocks_ref.shape[2], step, jnp.zeros((bsz, tn), jnp.float32))
+        if b_ref:
+            acc += b_ref[0][eid, rows_n].astype(jnp.float32)[None, :]
+        o_ref[rows, rows_n] = acc.astype(o_ref.dtype)
 
     @pl.when(jnp.logical_not(valid))
     def _():
-        o_ref[rows, rows_n] = jnp.zeros((bsz, tn), jnp.float32)
+        o_ref[rows, rows_n] = jnp.zeros((bsz, tn), o_ref.dtype)
 
 
 def _gpu_bwd_kernel(be_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
@@ -242,7 +256,7 @@ def _gpu_tile(n: int) -> int:
     raise ValueError(f"the GPU MXFP4 kernel needs output sizes divisible by 16, got {n}")
 
 
-def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
+def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, bias=None, out_dtype=jnp.float32):
     from jax.experimental.pallas import triton as pltr
 
     e, n, g, _ = blocks.shape
@@ -253,13 +267,14 @@ def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
     if kind == "fwd":
         x = _planes(a.astype(dtype), 2).reshape(2, m, g, 16)
         kernel = functools.partial(_gpu_fwd_kernel, num_experts=e, bsz=bsz, tn=tn, dtype=dtype)
-        grid, out_shape = (nb, n // tn), jax.ShapeDtypeStruct((m, n), jnp.float32)
+        grid, out_shape = (nb, n // tn), jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         x = a.astype(dtype)
         kernel = functools.partial(_gpu_bwd_kernel, num_experts=e, bsz=bsz, tn=tn, dtype=dtype)
         grid, out_shape = (nb, g), jax.ShapeDtypeStruct((2, m, g, 16), jnp.float32)
+    extra = () if bias is None else (bias,)
     out = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=params, interpret=interpret,
-                         name=f"mxfp4_gmm_{kind}")(block_expert.astype(jnp.int32), x, blocks, scales)
+                         name=f"mxfp4_gmm_{kind}")(block_expert.astype(jnp.int32), x, blocks, scales, *extra)
     return out if kind == "fwd" else _unplanes(out.reshape(2, m, g * 16))
 
 
@@ -280,11 +295,17 @@ def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
                          f"{want}] for weights [{e}, {n}, {g * mxfp4.BLOCK}]")
 
 
-def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
-    """x [nb*bsz, K] (block b's rows times expert block_expert[b]) -> float32 [nb*bsz, N]; x @ W_e^T."""
+def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False, bias=None,
+        out_dtype=jnp.float32):
+    """x [nb*bsz, K] (block b's rows times expert block_expert[b]) -> [nb*bsz, N] in ``out_dtype``:
+    x @ W_e^T, plus ``bias`` [E, N] row e (None: none) in float32 before the one rounding to
+    ``out_dtype``; padding blocks give zeros."""
     _check(x, blocks, scales, block_expert, bsz, backend, False)
+    e, n = scales.shape[:2]
+    if bias is not None and bias.shape != (e, n):
+        raise ValueError(f"MXFP4 grouped matmul: bias {bias.shape} must be [{e}, {n}]")
     call = _tpu_call if backend == TPU else _gpu_call
-    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret)
+    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, bias, out_dtype)
 
 
 def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
@@ -294,21 +315,29 @@ def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret
     return call("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret):
-    """:func:`gmm` differentiable in x (the packed weights are frozen: no cotangent)."""
-    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 8))
+def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, bias=None, out_dtype=jnp.float32):
+    """:func:`gmm` differentiable in x and ``bias`` (the packed weights are frozen: no cotangent)."""
+    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret, bias=bias,
+               out_dtype=out_dtype)
 
 
-def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret):
-    return grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret), (blocks, scales, block_expert, jnp.zeros((0,), x.dtype))
+def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret, bias, out_dtype):
+    y = grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, bias, out_dtype)
+    like = jnp.zeros((0,), x.dtype), None if bias is None else jnp.zeros((0,), bias.dtype)
+    return y, (blocks, scales, block_expert, like)
 
 
-def _bwd(bsz, backend, interpret, res, dy):
-    blocks, scales, block_expert, like = res
+def _bwd(bsz, backend, interpret, out_dtype, res, dy):
+    blocks, scales, block_expert, (like, bias_like) = res
     dtype = like.dtype
     dx = gmm_t(dy.astype(dtype), blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
-    return dx.astype(dtype), None, None, None
+    dbias = None
+    if bias_like is not None:  # row e of the bias: the sum of dy over the rows of expert e's blocks
+        e = scales.shape[0]
+        per_block = dy.astype(jnp.float32).reshape(block_expert.shape[0], bsz, -1).sum(axis=1)
+        dbias = jax.ops.segment_sum(per_block, block_expert, num_segments=e).astype(bias_like.dtype)
+    return dx.astype(dtype), None, None, None, dbias
 
 
 grouped_matmul.defvjp(_fwd, _bwd)
