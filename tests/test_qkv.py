@@ -195,6 +195,8 @@ def test_full_training_state_of_separate_qkv_gives_a_clear_error(tmp_path):
     old = {"layers.0.attn.q_kernel": jnp.zeros((2, 3)), "layers.0.attn.k_kernel": jnp.zeros((2, 1))}
     ckpts.save(1, old, {"mu": old}, {"step": 1})
     ckpts.wait()
+    ckpts.close()
+    ckpts = Checkpoints(tmp_path / "ck")  # as a resumed run opens it: no handlers registered yet
     new = {"layers.0.attn.qkv_kernel": jnp.zeros((2, 1, 5))}
     with pytest.raises(ValueError, match="written before each layer's q/k/v projections were fused"):
         ckpts.restore(1, new, {"mu": new})
