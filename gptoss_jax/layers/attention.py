@@ -148,6 +148,8 @@ class Attention(nnx.Module):
     Parameters: ``qkv_kernel`` [H, nkv, G + 2, D] and ``qkv_bias`` [nkv, G + 2, D] (G = nq / nkv;
     per KV head its G query heads, then its key, then its value: :mod:`gptoss_jax.layers.qkv`),
     ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq]. One matmul computes q, k and v.
+    Tensor parallelism splits the fused tensors over their KV-head axis (``kv_heads``), each query head
+    staying with its KV head; a ``model`` axis that does not divide nkv leaves them replicated.
 
     ``lora``: None, or the :class:`~gptoss_jax.layers.lora.AttentionLoRA` adapters of q/k/v/o
     (attached by ``train.lora.add_lora``); the q, k and v updates are added to their slots of the
