@@ -128,13 +128,14 @@ def test_converted_folder_contents(tiny_hf, tiny_converted, tiny_cfg):
         np.testing.assert_array_equal(stored, ckpt.read(f"model.layers.1.mlp.experts.{hf}"))
 
 
-def test_every_source_tensor_read_once(tmp_path, tiny_original):
+def test_every_source_tensor_read_once(tmp_path, tiny_original, tiny_hf):
     """progress(nbytes) is called once per tensor read: one call per source tensor, bytes = the source total
-    (the original layout's fused qkv feeds six parameters and is still read once)."""
-    calls = []
-    convert_checkpoint(tiny_original, tmp_path / "o", progress=calls.append)
-    ckpt = open_checkpoint(tiny_original)
-    assert len(calls) == len(ckpt.files) and sum(calls) == ckpt.nbytes()
+    (transformers' q_proj, k_proj and v_proj together feed one fused parameter, each read once)."""
+    for name, src in (("o", tiny_original), ("t", tiny_hf)):
+        calls = []
+        convert_checkpoint(src, tmp_path / name, progress=calls.append)
+        ckpt = open_checkpoint(src)
+        assert len(calls) == len(ckpt.files) and sum(calls) == ckpt.nbytes(), name
 
 
 def test_plan_accounting_rejects_gaps_and_doubles(tiny_hf, tiny_cfg):
