@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 
 from convert.shards import write_json, write_shards
-from gptoss_jax.checkpoint.names import BF16, ORIGINAL, TRANSFORMERS, checkpoint_shape, layout_tensors, rows
+from gptoss_jax.checkpoint.names import BF16, ORIGINAL, TRANSFORMERS, hf_parts, layout_tensors, rows
 from gptoss_jax.checkpoint.shapes import param_shapes
 from gptoss_jax.config import GptOssConfig
 
@@ -78,9 +78,9 @@ def original_tensor(cfg: GptOssConfig, name: str, shape: tuple[int, ...], seed: 
     shapes = param_shapes(cfg, "mxfp4")
     parts = []
     for ours, hf, orig, kind in rows(cfg):
-        if orig.partition(":")[0] == name:
-            hf_shape = checkpoint_shape(kind, shapes[ours])
-            parts.append(random_tensor(cfg, hf, hf_shape, seed, lm_head_alignment))
+        if orig == name:  # the q/k/v row stands for three transformers tensors, stacked in order
+            parts.extend(random_tensor(cfg, part, part_shape, seed, lm_head_alignment)
+                         for part, part_shape, _ in hf_parts(cfg, hf, kind, shapes[ours]))
     out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     assert out.shape == tuple(shape), (name, out.shape, shape)
     return out

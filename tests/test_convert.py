@@ -101,14 +101,14 @@ def test_bf16_experts_and_float32_weights(tmp_path, tiny_hf, tokens):
     marker = read_marker(dst)
     assert marker.experts == "dense" and marker.dtype == "float32"
     assert marker.params["layers.0.mlp.gate_up_kernel"][1] == "bfloat16"
-    assert marker.params["layers.0.attn.q_kernel"][1] == "float32"
+    assert marker.params["layers.0.attn.qkv_kernel"][1] == "float32"
     for experts in ("dense", "mxfp4"):  # mxfp4 re-quantizes on device: dequantized values are exact
         same_logits(tiny_hf, dst, tokens, dtype=jnp.float32, experts=experts)
 
 
 def test_converted_folder_contents(tiny_hf, tiny_converted, tiny_cfg):
     marker = json.load(open(os.path.join(tiny_converted, MARKER)))
-    assert marker["format"] == "gptoss-jax" and marker["format_version"] == 1
+    assert marker["format"] == "gptoss-jax" and marker["format_version"] == 2
     assert marker["config"] == json.loads(json.dumps(open_checkpoint(tiny_hf).config.to_dict()))
     assert marker["experts"] == "mxfp4" and marker["dtype"] == "bfloat16"
     assert marker["source"]["layout"] == "transformers" and marker["source"]["tensors"] == 60
@@ -128,13 +128,14 @@ def test_converted_folder_contents(tiny_hf, tiny_converted, tiny_cfg):
         np.testing.assert_array_equal(stored, ckpt.read(f"model.layers.1.mlp.experts.{hf}"))
 
 
-def test_every_source_tensor_read_once(tmp_path, tiny_original):
+def test_every_source_tensor_read_once(tmp_path, tiny_original, tiny_hf):
     """progress(nbytes) is called once per tensor read: one call per source tensor, bytes = the source total
-    (the original layout's fused qkv feeds six parameters and is still read once)."""
-    calls = []
-    convert_checkpoint(tiny_original, tmp_path / "o", progress=calls.append)
-    ckpt = open_checkpoint(tiny_original)
-    assert len(calls) == len(ckpt.files) and sum(calls) == ckpt.nbytes()
+    (transformers' q_proj, k_proj and v_proj together feed one fused parameter, each read once)."""
+    for name, src in (("o", tiny_original), ("t", tiny_hf)):
+        calls = []
+        convert_checkpoint(src, tmp_path / name, progress=calls.append)
+        ckpt = open_checkpoint(src)
+        assert len(calls) == len(ckpt.files) and sum(calls) == ckpt.nbytes(), name
 
 
 def test_plan_accounting_rejects_gaps_and_doubles(tiny_hf, tiny_cfg):
@@ -394,7 +395,7 @@ print("RESULT" + json.dumps(out))
     # default rules (expert_tensor): experts over expert x model, heads and vocab over model
     packed, dense = out["mxfp4"], out["dense"]
     assert packed["embedding"] == [512, 96]
-    assert packed["layers.0.attn.q_kernel"] == [96, 3, 20] and packed["layers.0.attn.k_kernel"] == [96, 1, 20]
+    assert packed["layers.0.attn.qkv_kernel"] == [96, 1, 5, 20] and packed["layers.0.attn.qkv_bias"] == [1, 5, 20]
     assert packed["layers.0.attn.o_kernel"] == [3, 20, 96]
     assert packed["layers.0.mlp.gate_up_blocks"] == [2, 128, 3, 16] and packed["layers.0.mlp.gate_up_scales"] == [2, 128, 3]
     assert packed["layers.0.mlp.down_blocks"] == [2, 96, 2, 16] and packed["layers.0.mlp.gate_up_bias"] == [2, 128]

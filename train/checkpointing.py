@@ -14,6 +14,11 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from gptoss_jax.checkpoint.orbax import LEGACY_QKV
+
+#: the separate q/k/v parameter names of checkpoints written before the fused projection
+LEGACY_LEAVES = frozenset(name for names in LEGACY_QKV.values() for name in names)
+
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +53,35 @@ class Checkpoints:
         items = {"params": ocp.args.StandardRestore(_abstract(params_like)), "meta": ocp.args.JsonRestore()}
         if opt_state_like is not None:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-        got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError:
+            problem = self._params_mismatch(step, params_like)  # a clear error when the parameter names differ
+            if problem is None:
+                raise
+            raise ValueError(problem) from None
         return got["params"], got.get("opt_state") if opt_state_like is not None else None, got["meta"]
+
+    def _params_mismatch(self, step: int, params_like) -> str | None:
+        """What is wrong when the stored parameter names are not the run's (Orbax lists tree differences
+        without a cause), or None when they are."""
+        where = os.path.join(self.directory, str(step))
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            stored = set(checkpointer.metadata(os.path.join(where, "params")).item_metadata.tree)
+        want = set(params_like)
+        if stored == want:
+            return None
+        legacy = sorted(k for k in stored - want if k.rpartition(".")[2] in LEGACY_LEAVES)
+        if legacy:
+            return (
+                f"{where}: holds '{legacy[0]}' ({len(legacy)} separate q/k/v parameters), written before each "
+                f"layer's q/k/v projections were fused into attn.qkv_kernel / attn.qkv_bias; this version cannot "
+                f"resume that full fine-tuning state. Finish or save the run with the gptoss-jax that wrote it "
+                f"(its saved model folders load here: fused at load), or start the run again in a new output "
+                f"directory. LoRA runs are not affected (their adapters are unchanged).")
+        missing, extra = sorted(want - stored), sorted(stored - want)
+        return (f"{where}: the checkpoint's parameters are not this run's (missing {missing[:3]}, "
+                f"unexpected {extra[:3]}); was it written with another mode or model?")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import mxfp4
+from gptoss_jax.layers import qkv
 from gptoss_jax.layers.attention import Attention
 from gptoss_jax.layers.lora import Adapter, AttentionLoRA, ExpertLoRA, LoRAKey
 from gptoss_jax.layers.moe import MoE
@@ -32,19 +33,15 @@ DELTA_SPECS = {"q": "hr,rnd->hnd", "k": "hr,rkd->hkd", "v": "hr,rkd->hkd", "o": 
                "gate_up": "eir,ero->eio", "down": "eir,ero->eio"}
 
 
-def _attention_kernels(attn: Attention) -> dict[str, nnx.Param]:
-    return {"q": attn.q_kernel, "k": attn.k_kernel, "v": attn.v_kernel, "o": attn.o_kernel}
-
-
-def _attention_adapter(kernel: nnx.Param, name: str, rank: int, key, dtype) -> Adapter:
-    """A fresh adapter for an attention kernel ([H, n, D], or [nq, D, H] for o)."""
-    axes = kernel.get_metadata()["out_sharding"]
+def _attention_adapter(cfg, name: str, rank: int, key, dtype) -> Adapter:
+    """A fresh adapter for attention projection ``name``: q [H, nq, D], k/v [H, nkv, D] (the parts of
+    the fused qkv kernel, as separate projections), o [nq, D, H]."""
+    h, nq, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if name == "o":
-        a_shape, a_axes, b_shape, b_axes = (*kernel.shape[:2], rank), (*axes[:2], None), (rank, kernel.shape[2]), \
-            (None, axes[2])
+        a_shape, a_axes, b_shape, b_axes = (nq, d, rank), ("heads", "head_dim", None), (rank, h), (None, "embed")
     else:
-        a_shape, a_axes, b_shape, b_axes = (kernel.shape[0], rank), (axes[0], None), (rank, *kernel.shape[1:]), \
-            (None, *axes[1:])
+        n, heads = (nq, "heads") if name == "q" else (nkv, "kv_heads")
+        a_shape, a_axes, b_shape, b_axes = (h, rank), ("embed", None), (rank, n, d), (None, heads, "head_dim")
     return _fresh(a_shape, a_axes, b_shape, b_axes, int(np.prod(a_shape[:-1])), key, dtype)
 
 
@@ -79,8 +76,8 @@ def add_lora(model: GptOss, rank: int, alpha: float, dropout: float = 0.0, targe
     for block in model.layers:
         if attn_t:
             k = jax.random.fold_in(key, m)
-            kernels = _attention_kernels(block.attn)
-            made = {n: _attention_adapter(kernels[n], n, rank, jax.random.fold_in(k, index(n)), dtype) for n in attn_t}
+            made = {n: _attention_adapter(model.config, n, rank, jax.random.fold_in(k, index(n)), dtype)
+                    for n in attn_t}
             block.attn.lora = AttentionLoRA(made.get("q"), made.get("k"), made.get("v"), made.get("o"),
                                             scale=float(alpha) / rank, dropout=dropout)
             m += 1
@@ -125,6 +122,17 @@ def _add_to(var: nnx.Param, delta: jax.Array) -> None:
     var.set_value((var[...].astype(jnp.float32) + delta).astype(var.dtype))
 
 
+def _add_to_qkv(attn: Attention, name: str, delta: jax.Array) -> None:
+    """Add the q ([H, nq, D]), k or v ([H, nkv, D]) ``delta`` to its slots of the fused kernel
+    [H, nkv, G+2, D] (:mod:`gptoss_jax.layers.qkv`)."""
+    kernel = attn.qkv_kernel
+    h, nkv, slots, d = kernel.shape
+    part = delta.reshape(h, nkv, slots - 2, d) if name == "q" else delta
+    index = (slice(None), slice(None), qkv.slot(name, slots - 2))
+    w = kernel[...]
+    kernel.set_value(w.at[index].set((w[index].astype(jnp.float32) + part).astype(w.dtype)))
+
+
 def _merge_experts(moe: MoE, name: str, delta: jax.Array) -> None:
     """Packed experts are decoded (exactly), updated and re-quantized to MXFP4; dense ones summed."""
     if moe.expert_format == "dense":
@@ -141,16 +149,20 @@ def _merge_experts(moe: MoE, name: str, delta: jax.Array) -> None:
 def merge_lora(model: GptOss) -> GptOss:
     """Fold every adapter into its base weight, in place, and remove the adapters.
 
-    Attention kernels and dense experts get ``W + scale A B`` (float32 sum, one rounding to the
+    Attention kernels (q, k and v: their slots of the fused kernel) and dense experts get ``W + scale A B`` (float32 sum, one rounding to the
     weight dtype). Packed experts are decoded (exactly), updated and re-quantized to MXFP4.
     """
     for block in model.layers:
         lo = block.attn.lora
         if lo is not None:
-            kernels = _attention_kernels(block.attn)
             for name, adapter in (("q", lo.q), ("k", lo.k), ("v", lo.v), ("o", lo.o)):
-                if adapter is not None:
-                    _add_to(kernels[name], delta(adapter, DELTA_SPECS[name], lo.scale))
+                if adapter is None:
+                    continue
+                update = delta(adapter, DELTA_SPECS[name], lo.scale)
+                if name == "o":
+                    _add_to(block.attn.o_kernel, update)
+                else:
+                    _add_to_qkv(block.attn, name, update)
             block.attn.lora = None
         lo = block.mlp.lora
         if lo is not None:

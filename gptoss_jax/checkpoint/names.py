@@ -2,10 +2,13 @@
 
 Both official layouts store torch ``Linear`` weights ``[out, in]`` and the experts' packed MXFP4
 ``[E, out, in/32, 16]`` + ``[E, out, in/32]``; they differ in names and in ``original/`` fusing
-q/k/v into one ``qkv`` tensor (rows q, then k, then v). Our parameters are einsum-shaped
-(``q_kernel`` [H, nq, D], ``o_kernel`` [nq, D, H], ``router_kernel`` [H, E]; their shapes are the
-model's own, :func:`gptoss_jax.checkpoint.shapes.param_shapes`); the transform column says how a
-checkpoint tensor becomes ours and back. Everything that reads or writes a checkpoint
+q/k/v into one ``qkv`` tensor (rows q, then k, then v), where transformers keeps three
+(``q_proj``/``k_proj``/``v_proj``). Our parameters are einsum-shaped (``qkv_kernel`` [H, nkv, G+2, D]
+fused per KV head as :mod:`gptoss_jax.layers.qkv` lays out, ``o_kernel`` [nq, D, H],
+``router_kernel`` [H, E]; their shapes are the model's own,
+:func:`gptoss_jax.checkpoint.shapes.param_shapes`); the transform column says how a checkpoint
+tensor becomes ours and back. A transformers name with ``{q,k,v}`` stands for its three tensors,
+whose rows stacked in that order are the original/ ``qkv`` tensor. Everything that reads or writes a checkpoint
 (loader, converter, exporter, synthetic writer) goes through :func:`plan` and :func:`layout_tensors`.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from gptoss_jax import mxfp4
 from gptoss_jax.checkpoint.errors import CheckpointError
 from gptoss_jax.checkpoint.shapes import param_shapes
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.layers.qkv import PARTS, fuse_qkv, split_qkv
 
 __all__ = ["CheckpointError", "LAYOUTS", "ORIGINAL", "TRANSFORMERS", "layout_tensors", "plan", "export_items"]
 
@@ -29,21 +33,16 @@ LAYOUTS = (TRANSFORMERS, ORIGINAL)
 
 # Transforms (checkpoint tensor -> our parameter):
 #   copy        same array
-#   heads_in    [n*D, H] -> [H, n, D]   (q/k/v projection weights)
-#   heads_bias  [n*D]    -> [n, D]
+#   qkv_in      [(nq+2nkv)*D, H] -> [H, nkv, G+2, D]   (fused q/k/v weight; rows q, then k, then v)
+#   qkv_bias    [(nq+2nkv)*D]    -> [nkv, G+2, D]
 #   heads_out   [H, n*D] -> [n, D, H]   (output projection)
 #   transpose   [E, H]   -> [H, E]      (router)
-# An original/ name ending in ':q', ':k' or ':v' is that row range of the fused qkv tensor.
 # Layer rows (``{i}`` is the layer):
 LAYER_TABLE: tuple[tuple[str, str, str, str], ...] = (
     # ours (layers.{i}.)     transformers (model.layers.{i}.)      original (block.{i}.)       transform
     ("attn_norm.scale",      "input_layernorm.weight",             "attn.norm.scale",          "copy"),
-    ("attn.q_kernel",        "self_attn.q_proj.weight",            "attn.qkv.weight:q",        "heads_in"),
-    ("attn.q_bias",          "self_attn.q_proj.bias",              "attn.qkv.bias:q",          "heads_bias"),
-    ("attn.k_kernel",        "self_attn.k_proj.weight",            "attn.qkv.weight:k",        "heads_in"),
-    ("attn.k_bias",          "self_attn.k_proj.bias",              "attn.qkv.bias:k",          "heads_bias"),
-    ("attn.v_kernel",        "self_attn.v_proj.weight",            "attn.qkv.weight:v",        "heads_in"),
-    ("attn.v_bias",          "self_attn.v_proj.bias",              "attn.qkv.bias:v",          "heads_bias"),
+    ("attn.qkv_kernel",      "self_attn.{q,k,v}_proj.weight",      "attn.qkv.weight",          "qkv_in"),
+    ("attn.qkv_bias",        "self_attn.{q,k,v}_proj.bias",        "attn.qkv.bias",            "qkv_bias"),
     ("attn.o_kernel",        "self_attn.o_proj.weight",            "attn.out.weight",          "heads_out"),
     ("attn.o_bias",          "self_attn.o_proj.bias",              "attn.out.bias",            "copy"),
     ("attn.sinks",           "self_attn.sinks",                    "attn.sinks",               "copy"),
@@ -75,10 +74,15 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 def to_ours(kind: str, a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if kind == "copy":
         return a
-    if kind in ("heads_in", "heads_out", "transpose"):
+    if kind in ("heads_out", "transpose"):
         return np.ascontiguousarray(a.T).reshape(shape)
-    if kind == "heads_bias":
-        return a.reshape(shape)
+    if kind in ("qkv_in", "qkv_bias"):  # rows q, k, v -> per KV head: its query heads, its k, its v
+        nkv, slots, d = shape[-3:]
+        cols = np.ascontiguousarray(a.T) if kind == "qkv_in" else a  # [..., (nq + 2 nkv) * D]
+        nq_d = nkv * (slots - 2) * d
+        lead = cols.shape[:-1]
+        q, k, v = np.split(cols, [nq_d, nq_d + nkv * d], axis=-1)
+        return fuse_qkv(q.reshape(*lead, -1, d), k.reshape(*lead, nkv, d), v.reshape(*lead, nkv, d))
     raise ValueError(kind)
 
 
@@ -86,27 +90,27 @@ def to_checkpoint(kind: str, a: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_ours` (our parameter -> checkpoint tensor)."""
     if kind == "copy":
         return a
-    if kind == "heads_in":  # [H, n, D] -> [n*D, H]
-        return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
+    if kind in ("qkv_in", "qkv_bias"):  # [..., nkv, G+2, D] -> rows q, k, v
+        lead = a.shape[:-3]
+        cols = np.concatenate([p.reshape(*lead, -1) for p in split_qkv(a)], axis=-1)
+        return np.ascontiguousarray(cols.T) if kind == "qkv_in" else cols
     if kind == "heads_out":  # [n, D, H] -> [H, n*D]
         return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
     if kind == "transpose":
         return np.ascontiguousarray(a.T)
-    if kind == "heads_bias":
-        return a.reshape(-1)
     raise ValueError(kind)
 
 
 def checkpoint_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if kind == "copy":
         return tuple(shape)
-    if kind == "heads_in":
+    if kind == "qkv_in":
         return (int(np.prod(shape[1:])), shape[0])
     if kind == "heads_out":
         return (shape[-1], int(np.prod(shape[:-1])))
     if kind == "transpose":
         return tuple(reversed(shape))
-    if kind == "heads_bias":
+    if kind == "qkv_bias":
         return (int(np.prod(shape)),)
     raise ValueError(kind)
 
@@ -146,6 +150,19 @@ def _qkv_rows(cfg: GptOssConfig, part: str) -> slice:
     return {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[part]
 
 
+def hf_parts(cfg: GptOssConfig, hf: str, kind: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], slice]]:
+    """The transformers tensors of one table row: [(name, shape, its rows of the checkpoint tensor)].
+    One tensor, or for a ``{q,k,v}`` name the three whose stacked rows make the fused tensor."""
+    full = checkpoint_shape(kind, shape)
+    if "{q,k,v}" not in hf:
+        return [(hf, full, slice(0, full[0]))]
+    out = []
+    for part in PARTS:
+        rows_ = _qkv_rows(cfg, part)
+        out.append((hf.replace("{q,k,v}", part), (rows_.stop - rows_.start, *full[1:]), rows_))
+    return out
+
+
 def _is_packed(name: str) -> bool:
     return name.endswith(("_blocks", "_scales", ".blocks", ".scales"))
 
@@ -162,7 +179,6 @@ def layout_tensors(cfg: GptOssConfig, layout: str, experts: str = "mxfp4") -> li
     shapes = param_shapes(cfg, "mxfp4")
     dense_shapes = param_shapes(cfg, "dense")
     out: list[TensorSpec] = []
-    seen: set[str] = set()
     for ours, hf, orig, kind in rows(cfg):
         packed = _is_packed(ours)
         if layout == TRANSFORMERS:
@@ -173,17 +189,10 @@ def layout_tensors(cfg: GptOssConfig, layout: str, experts: str = "mxfp4") -> li
                     proj = "gate_up_proj" if base.endswith("gate_up") else "down_proj"
                     out.append(TensorSpec(f"{prefix}.{proj}", dense_shapes[base + "_kernel"], FLOAT_DTYPES))
                 continue
-            out.append(TensorSpec(hf, checkpoint_shape(kind, shapes[ours]), ("U8",) if packed else FLOAT_DTYPES))
+            out.extend(TensorSpec(name, shape, ("U8",) if packed else FLOAT_DTYPES)
+                       for name, shape, _ in hf_parts(cfg, hf, kind, shapes[ours]))
         else:
-            name, _, part = orig.partition(":")
-            if name in seen:
-                continue
-            seen.add(name)
-            if part:  # fused qkv: rows q, k, v
-                tail = (cfg.hidden_size,) if name.endswith("weight") else ()
-                out.append(TensorSpec(name, (cfg.q_size + 2 * cfg.kv_size, *tail), FLOAT_DTYPES))
-            else:
-                out.append(TensorSpec(name, checkpoint_shape(kind, shapes[ours]), ("U8",) if packed else FLOAT_DTYPES))
+            out.append(TensorSpec(orig, checkpoint_shape(kind, shapes[ours]), ("U8",) if packed else FLOAT_DTYPES))
     return out
 
 
@@ -204,15 +213,12 @@ def plan(cfg: GptOssConfig, layout: str, source_experts: str = "mxfp4", experts:
             items.extend(_expert_items(base, shapes, experts, source_experts, src_blocks, src_scales, dense_src))
             continue
         shape = shapes[ours]
-        if layout == TRANSFORMERS:
-            items.append(Item(ours, shape, (hf,), lambda a, k=kind, s=shape: to_ours(k, a[0], s)))
+        if layout == TRANSFORMERS:  # q/k/v: their rows stacked are the fused tensor
+            names = tuple(name for name, _, _ in hf_parts(cfg, hf, kind, shape))
+            items.append(Item(ours, shape, names, lambda a, k=kind, s=shape: to_ours(
+                k, a[0] if len(a) == 1 else np.concatenate(a, axis=0), s)))
         else:
-            name, _, part = orig.partition(":")
-            if part:
-                sl = _qkv_rows(cfg, part)
-                items.append(Item(ours, shape, (name,), lambda a, k=kind, s=shape, r=sl: to_ours(k, a[0][r], s)))
-            else:
-                items.append(Item(ours, shape, (name,), lambda a, k=kind, s=shape: to_ours(k, a[0], s)))
+            items.append(Item(ours, shape, (orig,), lambda a, k=kind, s=shape: to_ours(k, a[0], s)))
     return items
 
 
@@ -276,12 +282,18 @@ def export_items(cfg: GptOssConfig, experts: str = "mxfp4") -> list[tuple[str, s
     (MXFP4 experts), in table order. ``experts='dense'``: the model holds dense ``*_kernel`` experts,
     re-quantized with :func:`gptoss_jax.mxfp4.quantize` (both packed rows read the same kernel)."""
     out = []
+    shapes = param_shapes(cfg, experts)
     for ours, hf, _orig, kind in rows(cfg):
         if experts == "dense" and _is_packed(ours):
             base, part = ours.rsplit("_", 1)
             if part == PACKED_PARTS[0]:
                 quant = PairQuantizer()
             out.append((base + "_kernel", hf, lambda a, q=quant, p=part: q(a, p)))
-        else:
+            continue
+        parts = hf_parts(cfg, hf, kind, shapes[ours])
+        if len(parts) == 1:
             out.append((ours, hf, lambda a, k=kind: to_checkpoint(k, a)))
+        else:  # un-fuse: each of q/k/v gets its rows of the stacked tensor
+            out.extend((ours, name, lambda a, k=kind, r=r: np.ascontiguousarray(to_checkpoint(k, a)[r]))
+                       for name, _, r in parts)
     return out

@@ -23,6 +23,11 @@ copies once while writing them.
 Loading restores group by group with target shardings (Orbax ``ArrayRestoreArgs``): arrays land
 sharded on the mesh without a full host copy; dtype casts happen in TensorStore and expert format
 changes (packed <-> dense) on device. Writing is :mod:`convert.orbax_format`; reading is here.
+
+Format versions: 2 stores each layer's attention input projection fused (``attn.qkv_kernel``,
+``attn.qkv_bias``, :mod:`gptoss_jax.layers.qkv`); 1 stored ``attn.{q,k,v}_{kernel,bias}`` separately.
+Version-1 folders still load: their q/k/v are read to the host and fused there (:func:`fuse_legacy`),
+the other parameters restore as usual; ``gptoss-jax convert`` of the original source rewrites them.
 """
 from __future__ import annotations
 
@@ -43,10 +48,14 @@ from gptoss_jax.checkpoint.errors import CheckpointError
 from gptoss_jax.checkpoint.names import PACKED_PARTS
 from gptoss_jax.checkpoint.shapes import EXPERT_FORMATS, param_shapes
 from gptoss_jax.config import ConfigError, GptOssConfig
+from gptoss_jax.layers.qkv import fuse_qkv
 
 MARKER = "gptoss_jax.json"
 FORMAT = "gptoss-jax"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format_version 1 -> 2: the fused parameter <- its three separate ones (leaf names under ``layers.N.attn``)
+LEGACY_QKV = {"qkv_kernel": ("q_kernel", "k_kernel", "v_kernel"), "qkv_bias": ("q_bias", "k_bias", "v_bias")}
+_LEGACY_LEAF = {old: new for new, olds in LEGACY_QKV.items() for old in olds}
 PARAMS = "params"
 CHUNK_BYTES = 16 * 2**20
 
@@ -95,6 +104,43 @@ def is_expert_weight(path: str) -> bool:
     return proj in ("gate_up", "down") and part in ("blocks", "scales", "kernel")
 
 
+def stored_shapes(cfg: GptOssConfig, experts: str, version: int = FORMAT_VERSION) -> dict[str, tuple[int, ...]]:
+    """Every parameter a folder of format ``version`` stores, {path: shape} in model order (version 1:
+    each fused q/k/v parameter as its three separate ones)."""
+    shapes = param_shapes(cfg, experts)
+    if version >= 2:
+        return shapes
+    out = {}
+    for path, shape in shapes.items():
+        head, _, leaf = path.rpartition(".")
+        if leaf not in LEGACY_QKV:
+            out[path] = shape
+            continue
+        nkv, slots, d = shape[-3:]
+        lead = shape[:-3]
+        for name, n in zip(LEGACY_QKV[leaf], (nkv * (slots - 2), nkv, nkv)):
+            out[f"{head}.{name}"] = (*lead, n, d)
+    return out
+
+
+def model_path(path: str) -> str:
+    """A stored parameter path -> the model parameter it becomes (a version-1 q/k/v part -> its fused path)."""
+    head, _, leaf = path.rpartition(".")
+    return f"{head}.{_LEGACY_LEAF[leaf]}" if leaf in _LEGACY_LEAF else path
+
+
+def fuse_legacy(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{stored path: array} of a group -> {model path: array}: version-1 q/k/v parts fused (exact copies)."""
+    out = {}
+    for path, a in arrays.items():
+        head, _, leaf = path.rpartition(".")
+        if leaf not in _LEGACY_LEAF:
+            out[path] = a
+        elif leaf == LEGACY_QKV[_LEGACY_LEAF[leaf]][0]:
+            out[model_path(path)] = fuse_qkv(*(arrays[f"{head}.{name}"] for name in LEGACY_QKV[_LEGACY_LEAF[leaf]]))
+    return out
+
+
 def is_converted(path: str | os.PathLike) -> bool:
     """True for a folder written by this module, complete (marker) or not (``params/`` only)."""
     path = os.fspath(path)
@@ -110,9 +156,10 @@ class Marker:
     config: GptOssConfig
     experts: str  # 'mxfp4' (packed) | 'dense'
     dtype: str  # dense weights other than experts
-    params: dict[str, tuple[tuple[int, ...], str]]  # path -> (shape, dtype name)
+    params: dict[str, tuple[tuple[int, ...], str]]  # stored path -> (shape, dtype name)
     source: dict
     files: tuple[str, ...]
+    version: int = FORMAT_VERSION  # 1: q/k/v stored separately (fused when read)
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -149,7 +196,7 @@ def read_marker(path: str | os.PathLike) -> Marker:
         raise CheckpointError(f"{marker}: missing field {e}") from None
     if experts not in EXPERT_FORMATS:
         raise CheckpointError(f"{marker}: field 'experts' is {experts!r}, expected one of {EXPERT_FORMATS}")
-    expected = param_shapes(cfg, experts)
+    expected = stored_shapes(cfg, experts, version)
     for name in [*expected, *table]:
         if name not in table:
             raise CheckpointError(f"{marker}: parameter '{name}' is missing")
@@ -162,7 +209,7 @@ def read_marker(path: str | os.PathLike) -> Marker:
     for group in groups_of(params):
         if not os.path.isdir(os.path.join(folder, PARAMS, group)):
             raise CheckpointError(f"{folder}: missing parameter group folder {PARAMS}/{group}")
-    return Marker(folder, cfg, experts, dtype, params, d.get("source", {}), tuple(d.get("files", ())))
+    return Marker(folder, cfg, experts, dtype, params, d.get("source", {}), tuple(d.get("files", ())), version)
 
 
 # ----------------------------------------------------------------------------------------- orbax
@@ -215,10 +262,12 @@ def restore_group(marker: Marker, group: str, restore_args: dict) -> dict[str, n
 
 
 def read_group(marker: Marker, group: str) -> dict[str, np.ndarray]:
-    """One group as host NumPy arrays in their stored dtypes (export, inspection)."""
+    """One group as host NumPy arrays in their stored dtypes (export, inspection), by model path
+    (a version-1 folder's q/k/v fused)."""
     import orbax.checkpoint as ocp
 
-    return restore_group(marker, group, {p: ocp.RestoreArgs(restore_type=np.ndarray) for p in marker.groups[group]})
+    return fuse_legacy(restore_group(marker, group, {p: ocp.RestoreArgs(restore_type=np.ndarray)
+                                                     for p in marker.groups[group]}))
 
 
 def restore_values(marker: Marker, targets: dict, shardings: dict) -> dict[str, np.ndarray | jax.Array]:
@@ -231,14 +280,20 @@ def restore_values(marker: Marker, targets: dict, shardings: dict) -> dict[str, 
 
     values = {}
     for group, paths in marker.groups.items():
-        if all(shardings[p] is None for p in paths):
+        if all(shardings[model_path(p)] is None for p in paths):
             values.update({p: jax.device_put(a.astype(targets[p].dtype, copy=False))
                            for p, a in read_group(marker, group).items()})
             release_memory()
             continue
-        args = {p: ocp.ArrayRestoreArgs(sharding=shardings[p], dtype=targets[p].dtype, global_shape=targets[p].shape)
+        # version-1 q/k/v parts: read to the host, fused, then placed (each process builds its shards)
+        args = {p: ocp.RestoreArgs(restore_type=np.ndarray) if model_path(p) != p else
+                ocp.ArrayRestoreArgs(sharding=shardings[p], dtype=targets[p].dtype, global_shape=targets[p].shape)
                 for p in paths}
-        values.update(restore_group(marker, group, args))
+        for p, a in fuse_legacy(restore_group(marker, group, args)).items():
+            if isinstance(a, np.ndarray):
+                a = a.astype(targets[p].dtype, copy=False)
+                a = jax.make_array_from_callback(a.shape, shardings[p], lambda index, a=a: a[index])
+            values[p] = a
     return values
 
 

@@ -1,6 +1,6 @@
 """Parameter shapes, declared once: by the layer constructors, read through ``nnx.eval_shape``.
 
-    param_shapes(cfg, "mxfp4")["layers.0.attn.q_kernel"]   # (H, nq, D)
+    param_shapes(cfg, "mxfp4")["layers.0.attn.qkv_kernel"]   # (H, nkv, nq/nkv + 2, D)
 """
 from __future__ import annotations
 

@@ -13,4 +13,5 @@ Einsum legend: one letter is one axis, in every einsum of the package (layers, m
     x  top-k expert slot of a token  r  LoRA rank
     c  row blocks (grouped experts)  l  rows in a block
     i  a projection's input          o  a projection's output
+    q  a slot of the fused q/k/v projection (g query heads, then k, then v: g + 2)
 """

@@ -24,6 +24,7 @@ from gptoss_jax.layers.common import dense, lora_delta, matmul, param, precision
 from gptoss_jax.layers.flash import BLOCK_K, block_attention_kv_major
 from gptoss_jax.layers.kv_cache import LayerCache, update_cache
 from gptoss_jax.layers.lora import AttentionLoRA
+from gptoss_jax.layers.qkv import PARTS, fuse_qkv, split_qkv
 from gptoss_jax.layers.rope import apply_rope
 
 
@@ -142,13 +143,17 @@ def set_attention(model, impl: str) -> None:
 
 
 class Attention(nnx.Module):
-    """q/k/v/o projections with biases and per-head sinks for one layer.
+    """The fused q/k/v projection and the o projection with biases, and per-head sinks, for one layer.
 
-    Parameters: ``q_kernel`` [H, nq, D], ``k_kernel``/``v_kernel`` [H, nkv, D], their biases,
-    ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq].
+    Parameters: ``qkv_kernel`` [H, nkv, G + 2, D] and ``qkv_bias`` [nkv, G + 2, D] (G = nq / nkv;
+    per KV head its G query heads, then its key, then its value: :mod:`gptoss_jax.layers.qkv`),
+    ``o_kernel`` [nq, D, H], ``o_bias`` [H], ``sinks`` [nq]. One matmul computes q, k and v.
+    Tensor parallelism splits the fused tensors over their KV-head axis (``kv_heads``), each query head
+    staying with its KV head; a ``model`` axis that does not divide nkv leaves them replicated.
 
     ``lora``: None, or the :class:`~gptoss_jax.layers.lora.AttentionLoRA` adapters of q/k/v/o
-    (attached by ``train.lora.add_lora``).
+    (attached by ``train.lora.add_lora``); the q, k and v updates are added to their slots of the
+    fused projection's output.
     """
 
     #: LoRA einsum specs per projection: x -> rank r, rank r -> output.
@@ -163,12 +168,9 @@ class Attention(nnx.Module):
         def normal(shape, axes, std=0.02):
             return param((std * jax.random.normal(rngs.params(), shape)).astype(dtype), axes)
 
-        self.q_kernel = normal((h, nq, d), ("embed", "heads", "head_dim"))
-        self.q_bias = normal((nq, d), ("heads", "head_dim"))
-        self.k_kernel = normal((h, nkv, d), ("embed", "kv_heads", "head_dim"))
-        self.k_bias = normal((nkv, d), ("kv_heads", "head_dim"))
-        self.v_kernel = normal((h, nkv, d), ("embed", "kv_heads", "head_dim"))
-        self.v_bias = normal((nkv, d), ("kv_heads", "head_dim"))
+        slots = nq // nkv + 2
+        self.qkv_kernel = normal((h, nkv, slots, d), ("embed", "kv_heads", None, "head_dim"))
+        self.qkv_bias = normal((nkv, slots, d), ("kv_heads", None, "head_dim"))
         self.o_kernel = normal((nq, d, h), ("heads", "head_dim", "embed"))
         self.o_bias = normal((h,), ("embed",))
         self.sinks = normal((nq,), ("heads",), std=1.0)
@@ -183,10 +185,23 @@ class Attention(nnx.Module):
         return lora_delta(x, adapter.a[...], adapter.b[...] * lo.scale, *self.LORA_SPECS[name],
                           lo.dropout_key("qkvo".index(name)), lo.dropout)
 
-    def _project(self, name: str, x: jax.Array, spec: str) -> jax.Array:
-        """Projection ``name`` (q, k or v) with its bias and, when attached, its LoRA update."""
-        return dense(x, getattr(self, f"{name}_kernel")[...], spec, getattr(self, f"{name}_bias")[...],
-                     self._lora(name, x))
+    def _qkv_lora(self, x: jax.Array) -> jax.Array | None:
+        """The q, k and v LoRA updates laid out as the fused output [B, T, nkv, G + 2, D] (zeros for a
+        projection without an adapter), or None when none of them has one."""
+        deltas = {p: self._lora(p, x) for p in PARTS}
+        if all(dl is None for dl in deltas.values()):
+            return None
+        b, t = x.shape[:2]
+        nkv, slots, d = self.qkv_kernel.shape[1:]
+        shapes = {"q": (b, t, nkv * (slots - 2), d), "k": (b, t, nkv, d), "v": (b, t, nkv, d)}
+        deltas = {p: jnp.zeros(shapes[p], jnp.float32) if dl is None else dl for p, dl in deltas.items()}
+        return fuse_qkv(deltas["q"], deltas["k"], deltas["v"], xp=jnp)
+
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, H] -> q [B, T, nq, D], k, v [B, T, nkv, D] (before RoPE): one matmul with the fused
+        kernel, its bias and, when attached, the LoRA updates (float32 sums, one rounding to x's dtype)."""
+        qkv = dense(x, self.qkv_kernel[...], "bth,hkqd->btkqd", self.qkv_bias[...], self._qkv_lora(x))
+        return split_qkv(qkv)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  cache: LayerCache | None = None, segment_ids: jax.Array | None = None
@@ -197,9 +212,8 @@ class Attention(nnx.Module):
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences and cannot be used with a cache")
-        q = apply_rope(self._project("q", x, "bth,hnd->btnd"), cos, sin)
-        k = apply_rope(self._project("k", x, "bth,hkd->btkd"), cos, sin)
-        v = self._project("v", x, "bth,hkd->btkd")
+        q, k, v = self.project_qkv(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), self.sinks[...], positions,
                                   positions, self.window, segment_ids, segment_ids, self.impl)
