@@ -4,7 +4,10 @@ Compiles the real programs with abstract weights (``ShapeDtypeStruct`` placed on
 nothing allocated) for ``--target cpu|h100|h200|v5p`` and prints one JSON object per program:
 
 - ``decode``: the engine's decode step (:func:`gptoss_jax.decode.runner.jitted`), ``--batch`` slots
-  of ``--context`` positions, ``--tokens`` positions already cached (default context - 1);
+  of ``--context`` positions, ``--tokens`` positions already cached (default context - 1), compiled
+  for the length bucket the engine runs then (:func:`gptoss_jax.decode.runner.decode_bucket` of
+  tokens + 1 slots in the default buckets: powers of two from 1024, and the context; row field
+  ``kv_len``): full-attention layers read those slots of the context-sized cache;
 - ``prefill``: the engine's prefill call on ``--batch`` rows of ``--tokens`` prompt tokens each;
 - ``train_step``: :func:`train.step.make_train_step` (LoRA rank 8 on the packed base, AdamW), one
   micro-batch of ``--batch`` x ``--tokens`` tokens.
@@ -193,7 +196,16 @@ def _placed(tree, device):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
 
 
-def decode_program(cfg, device, batch: int, context: int, attention: str = "auto") -> Program:
+def decode_kv_len(context: int, tokens: int) -> int:
+    """The length bucket the engine's decode step runs with ``tokens`` positions cached (it writes
+    position ``tokens``: tokens + 1 slots), in the engine's default buckets."""
+    from gptoss_jax.decode.runner import decode_bucket, decode_buckets
+
+    return decode_bucket(tokens + 1, decode_buckets(context))
+
+
+def decode_program(cfg, device, batch: int, context: int, attention: str = "auto", kv_len: int | None = None) -> Program:
+    """The decode step for ``kv_len`` (default: the context) slots of the full layers' cache."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -205,7 +217,8 @@ def decode_program(cfg, device, batch: int, context: int, attention: str = "auto
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     active = jax.ShapeDtypeStruct((batch,), bool)
     target = platform.of(device)
-    return Program(jitted(target)[1], (target, graphdef, False, *_placed((params, state, active), device)))
+    kv_len = context if kv_len is None else kv_len
+    return Program(jitted(target)[1], (target, graphdef, False, kv_len, *_placed((params, state, active), device)))
 
 
 def prefill_program(cfg, device, batch: int, context: int, tokens: int, attention: str = "auto") -> Program:
@@ -269,8 +282,10 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     device = device if device is not None else target_device(target)
     if tokens is None:
         tokens = context - 1 if part == "decode" else min(context, 128)
+    kv_len = None
     if part == "decode":
-        prog = decode_program(cfg, device, batch, context, attention)
+        kv_len = decode_kv_len(context, tokens)
+        prog = decode_program(cfg, device, batch, context, attention, kv_len)
     elif part == "prefill":
         prog = prefill_program(cfg, device, batch, max(context, tokens), tokens, attention)
     elif part == "train_step":
@@ -295,7 +310,7 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     hbm = cost.get("bytes accessed") if cost else None
     ideal = ideal_bytes(cfg, part, batch, tokens, context, prog.trainable)
     row = {"target": target, "model": model, "part": part, "batch": batch, "context": context, "tokens": tokens,
-           "attention": attention,
+           "attention": attention, "kv_len": kv_len,
            "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
            "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": int(peak),
            "hbm_bytes": int(hbm if hbm is not None else t.bytes),

@@ -117,7 +117,7 @@ def step_bytes(cfg: GptOssConfig, model, context: int) -> float:
     graphdef, params = nnx.split(model)
     state = jax.eval_shape(lambda: empty_state(cfg, 1, context, jnp.bfloat16))
     _, decode = jitted("cpu")
-    compiled = decode.lower("cpu", graphdef, False, params, state, jax.ShapeDtypeStruct((1,), bool)).compile()
+    compiled = decode.lower("cpu", graphdef, False, context, params, state, jax.ShapeDtypeStruct((1,), bool)).compile()
     return compiled.cost_analysis()["bytes accessed"]
 
 

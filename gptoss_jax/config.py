@@ -17,6 +17,8 @@ FULL = "full_attention"
 #: How attention scores are computed (a runtime choice, not a checkpoint field): see
 #: gptoss_jax.layers.attention.attention_path.
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "pallas")
+#: Default smallest decode length bucket (a runtime choice): see gptoss_jax.decode.runner.decode_buckets.
+KV_BUCKET_MIN = 1024
 
 # Fields of the reference ``ModelConfig`` dataclass (gpt_oss/torch/model.py); ``original/config.json``
 # holds exactly these keys.

@@ -28,8 +28,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MoE(cfg, dtype=dtype, experts=experts, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, cache: LayerCache | None = None, segment_ids=None):
-        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache, segment_ids)
+    def __call__(self, x, cos, sin, positions, cache: LayerCache | None = None, segment_ids=None,
+                 kv_len: int | None = None):
+        a, cache = self.attn(self.attn_norm(x), cos, sin, positions, cache, segment_ids, kv_len)
         x = x + a
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -57,11 +58,14 @@ class GptOss(nnx.Module):
 
     @mesh_aware
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None
-                      ) -> tuple[jax.Array, list[LayerCache] | None]:
+                      cache: list[LayerCache] | None = None, segment_ids: jax.Array | None = None,
+                      kv_len: int | None = None) -> tuple[jax.Array, list[LayerCache] | None]:
         """tokens [B, T] int32, positions [B, T] (default 0..T-1; < 0 = padding) -> final-normed [B, T, H].
 
         ``segment_ids`` [B, T]: packed samples (positions restart per sample); attention stays within a segment.
+        ``kv_len`` (static, with a cache; every position must be below it): full-attention layers attend
+        over their first ``kv_len`` cache slots only (the decode step's length bucket); the cache is
+        still updated whole.
         """
         b, t = tokens.shape
         if positions is None:
@@ -70,7 +74,7 @@ class GptOss(nnx.Module):
         cos, sin = rope_tables(jnp.maximum(positions, 0), self.config)
         new_cache = [] if cache is not None else None
         for i, block in enumerate(self.layers):
-            x, c = block(x, cos, sin, positions, None if cache is None else cache[i], segment_ids)
+            x, c = block(x, cos, sin, positions, None if cache is None else cache[i], segment_ids, kv_len)
             x = self._boundary(x)
             if cache is not None:
                 new_cache.append(c if self.layout is None else self.layout.cache(c))

@@ -114,17 +114,20 @@ def test_prefill_chunk_against_ring_with_row_offsets():
 
 def test_path_choice():
     """'auto' takes the kernel for several queries over more than one key block when tracing for a TPU or
-    GPU; decode (one query) and programs of unknown platform keep the blocked path; 'pallas' on CPU
-    is the kernel in interpret mode."""
+    GPU; decode (one query) there takes the exact path over the keys it is given (the step's length
+    bucket: a static program); programs of unknown platform keep the blocked path, as does decode on
+    the CPU; 'pallas' on CPU is the kernel in interpret mode."""
     assert attention_path("auto", 4096, 64) == "blocked"  # platform unknown
     for p in ("tpu", "gpu"):
         with gptoss_platform.lowering_for(p):
             assert attention_path("auto", 4096, 64) == "pallas"
-            assert attention_path("auto", 4096, 1) == "blocked" and attention_path("pallas", 4096, 1) == "blocked"
+            assert attention_path("auto", 4096, 1) == "xla" and attention_path("pallas", 4096, 1) == "xla"
+            assert attention_path("blocked", 4096, 1) == "blocked"
             assert attention_path("auto", 512, 64) == "xla" and attention_path("blocked", 4096, 64) == "blocked"
             assert kernel_choice() == (p, False)
     with gptoss_platform.lowering_for("cpu"):
         assert attention_path("auto", 4096, 64) == "blocked" and attention_path("pallas", 8, 8) == "pallas"
+        assert attention_path("auto", 4096, 1) == "blocked"
         assert kernel_choice() == ("tpu", True)
         q, k, v = _qkv(8, 600)
         pos = jnp.asarray(np.broadcast_to(np.arange(8, dtype=np.int32), (B, 8)))

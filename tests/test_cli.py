@@ -144,6 +144,7 @@ BAD = [  # (arguments after the command and --ckpt, fragment of the one error li
     (["--context", "0"], "--context: must be >= 1"),
     (["--max-batch", "0"], "--max-batch: must be >= 1"),
     (["--prefill-chunk", "0"], "--prefill-chunk: must be >= 1"),
+    (["--kv-bucket-min", "0"], "--kv-bucket-min: must be >= 1"),
     (["--seed", "1e23"], "--seed: '1e23' is not an integer"),
     (["--seed", "-1"], "--seed: must be in [0, 9223372036854775807]"),
     (["--mesh", "expert=16"], "needs 16 devices, only 8 available"),  # conftest: 8 CPU devices

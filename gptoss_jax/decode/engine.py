@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from gptoss_jax.decode.prefix_cache import PrefixCache, block_hashes
-from gptoss_jax.decode.runner import Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
+from gptoss_jax.decode.runner import KV_BUCKET_MIN, Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
 from gptoss_jax.decode.sampling import SamplingParams, SlotBias, SlotSampling
 from gptoss_jax.model import GptOss
 
@@ -188,10 +188,14 @@ class Engine:
 
     ``prefix_cache_blocks`` > 0 keeps that many prompt blocks of ``prefill_chunk`` tokens (their KV) for
     later requests sharing a prefix (:mod:`gptoss_jax.decode.prefix_cache`; counters in ``status()``).
+
+    Each decode step reads the full-attention layers' cache up to the smallest length bucket holding
+    the running sequences (powers of two from ``kv_bucket_min``, and ``context``:
+    :func:`gptoss_jax.decode.runner.decode_buckets`), one decode program per bucket.
     """
 
     def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256,
-                 prefix_cache_blocks: int = 0):
+                 prefix_cache_blocks: int = 0, kv_bucket_min: int = KV_BUCKET_MIN):
         for name, value in (("max_batch", max_batch), ("context", context), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
@@ -200,7 +204,8 @@ class Engine:
             raise ValueError(f"Engine context {context} exceeds the model's {cfg.max_position_embeddings} positions")
         self.config = cfg
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
-        self.runner = Runner(model, max_batch=max_batch, context=context, prefill_chunk=prefill_chunk)
+        self.runner = Runner(model, max_batch=max_batch, context=context, prefill_chunk=prefill_chunk,
+                             kv_bucket_min=kv_bucket_min)
         if not isinstance(prefix_cache_blocks, int) or prefix_cache_blocks < 0:
             raise ValueError(f"Engine prefix_cache_blocks must be an integer >= 0, got {prefix_cache_blocks!r}")
         self._prefix_blocks = prefix_cache_blocks if prefill_chunk < context else 0
@@ -290,16 +295,19 @@ class Engine:
             r._finish("cancelled")
 
     def warmup(self) -> None:
-        """Compile the decode step and every prefill shape now (on an idle engine)."""
+        """Compile the decode step of every length bucket and every prefill shape now (on an idle engine)."""
         with self._drive:
             if any(self._slots):
                 raise RuntimeError("warmup needs an idle engine")
             shapes = prefill_shapes(self.prefill_chunk, self.max_batch)
-            log.info("compiling the decode step and %d prefill shapes (chunks x tokens) %s", len(shapes), shapes)
+            log.info("compiling the decode step for %d length buckets %s and %d prefill shapes (chunks x tokens) %s",
+                     len(self.runner.buckets), self.runner.buckets, len(shapes), shapes)
             off = SlotSampling.of(SamplingParams(temperature=0.0), np.zeros(2, np.uint32))
             for rows, bucket in shapes:  # the slots are free: the next prefill on each resets it
                 self.runner.prefill([Chunk(i, [0], 0, off) for i in range(rows)], bucket)
-            jax.block_until_ready(self.runner.decode(np.zeros(self.max_batch, bool)))
+            idle = np.zeros(self.max_batch, bool)
+            for kv_len in self.runner.buckets:
+                jax.block_until_ready(self.runner.decode(idle, kv_len=kv_len))
             if self.prefix is not None:  # both programs, on free slot 0 and free entry 0 (no entry refers to it)
                 self.runner.state = self.prefix.restore(self.runner.state, 0, [])
                 self.prefix.save(self.runner.state, 0, [b"warmup"], 0)

@@ -1,8 +1,8 @@
 """The device side of decoding: a fixed number of slots sharing one KV cache, a jitted prefill chunk
 and a jitted decode step.
 
-Each function is compiled once per shape: the decode step once ([max_batch] slots), the prefill once
-per :func:`prefill_shapes` entry. A prompt is cut into chunks of ``prefill_chunk`` tokens and one tail
+Each function is compiled once per shape: the decode step once per length bucket ([max_batch] slots,
+:func:`decode_buckets`), the prefill once per :func:`prefill_shapes` entry. A prompt is cut into chunks of ``prefill_chunk`` tokens and one tail
 padded to a bucket (powers of two from 16 up to ``prefill_chunk``). ``prefill_chunk`` is also the
 token budget of one prefill call: chunks of several requests in the same bucket run together, up to
 ``prefill_chunk // bucket`` of them (at most ``max_batch``), so short prompts arriving together share
@@ -14,7 +14,14 @@ in place.
   request's first token from its chunk's last position and arms the slots (next token, position,
   sampling parameters).
 - ``decode(active)`` advances every active slot by one token ([B, 1] through the model); idle slots
-  carry position -1, which writes nothing and attends to nothing.
+  carry position -1, which writes nothing and attends to nothing. Full-attention layers attend over
+  the first ``kv_len`` slots of their cache only, ``kv_len`` the smallest length bucket (powers of two
+  from ``kv_bucket_min``, and the context) holding every active slot's next position: a step reads
+  the keys of the sequences' length (at most twice it, at least ``kv_bucket_min``), not of the
+  context. The runner knows each slot's length on the host (prefill sets it, decode counts it), so
+  picking the bucket reads nothing back from the device; each bucket's program is compiled on first
+  use (logged), at most ``len(decode_buckets(context, kv_bucket_min))`` of them. Sliding-window
+  layers keep their ring of ``window`` slots whatever the bucket.
 
 Every call also returns the sampled tokens' log-probabilities and the TOP_LOGPROBS alternatives
 (:class:`~gptoss_jax.decode.sampling.Logprobs`, computed for every row: no request compiles anything).
@@ -35,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_jax import platform
+from gptoss_jax.config import KV_BUCKET_MIN
 from gptoss_jax.decode.sampling import Logprobs, SamplingParams, SlotBias, SlotSampling, logprobs, mask_words, sample
 from gptoss_jax.layers.kv_cache import LayerCache, init_cache
 from gptoss_jax.model import GptOss
@@ -103,6 +111,24 @@ def plan_chunks(length: int, prefill_chunk: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def decode_buckets(context: int, smallest: int = KV_BUCKET_MIN) -> tuple[int, ...]:
+    """Lengths (cache slots read by full-attention layers) decode steps are compiled for: powers of two
+    from ``smallest`` below ``context``, and ``context`` (only it when ``smallest >= context``)."""
+    for name, value in (("context", context), ("smallest", smallest)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"decode buckets: {name} must be a positive integer, got {value!r}")
+    sizes, n = [], 1 << (smallest - 1).bit_length()  # smallest rounded up to a power of two
+    while n < context:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, context)
+
+
+def decode_bucket(needed: int, buckets: Sequence[int]) -> int:
+    """The smallest of ``buckets`` (ascending) holding ``needed`` slots; the largest when none does."""
+    return next((b for b in buckets if b >= needed), buckets[-1])
+
+
 def empty_state(cfg, max_batch: int, context: int, dtype, layout=None) -> DecodeState:
     """Idle slots and empty caches (``jax.eval_shape`` it for abstract lowering); with a model's
     ``layout`` (on a mesh) the caches are created in their shards."""
@@ -149,14 +175,20 @@ class Runner:
     """Jitted prefill and decode for ``max_batch`` slots with ``context`` positions each.
 
     ``return_logits`` makes :meth:`decode` also return the float32 logits [B, V] (tests, analysis).
+    ``kv_bucket_min``: the smallest decode length bucket (:func:`decode_buckets`; ``context`` or more:
+    every step reads the whole cache). ``lengths`` [B] (host): positions each slot holds, kept by
+    :meth:`prefill` and :meth:`decode`; ``state`` must change only through them (and the prefix
+    cache's restore, which a prefill of the slot follows), or the bucket may be too short.
     """
 
     def __init__(self, model: GptOss, *, max_batch: int, context: int, prefill_chunk: int,
-                 return_logits: bool = False):
+                 return_logits: bool = False, kv_bucket_min: int = KV_BUCKET_MIN):
         self.config = model.config
         self.dtype = model.dtype
         self.layout = model.layout
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
+        self.buckets = decode_buckets(context, kv_bucket_min)
+        self.compiled_buckets: set[int] = set()  # decode buckets run so far (compiled on first use)
         self.graphdef, self.params = nnx.split(model)
         self.platform = platform.of(self.params)
         self.return_logits = return_logits
@@ -165,6 +197,7 @@ class Runner:
     def reset(self) -> None:
         """Fresh state (after a failed step, whose donated inputs may be gone)."""
         self.state = empty_state(self.config, self.max_batch, self.context, self.dtype, self.layout)
+        self.lengths = np.zeros(self.max_batch, np.int64)
 
     def no_mask(self, rows: int) -> np.ndarray:
         """An allowed-token mask letting every token through: int32 [rows, mask_words(V)] all bits set."""
@@ -209,20 +242,42 @@ class Runner:
         prefill, _ = jitted(self.platform)
         self.state, sampled, prompt = prefill(self.platform, self.graphdef, targets is not None, self.params, self.state,
                                               slots, ids, pos, last, sampling, bias, targets, mask)
+        for c in chunks:
+            self.lengths[c.slot] = c.start + len(c.tokens)
         return sampled, prompt
 
-    def decode(self, active: np.ndarray, allowed: np.ndarray | None = None):
+    def decode(self, active: np.ndarray, allowed: np.ndarray | None = None, kv_len: int | None = None):
         """One token for every slot where ``active`` [B] bool; returns device int32 [B] (and logits).
-        ``allowed``: packed allowed-token masks [B, words] (None = any token)."""
-        sampled, *logits = self.decode_sampled(active, allowed)
+        ``allowed``: packed allowed-token masks [B, words] (None = any token). ``kv_len``: the length
+        bucket to run (one of ``buckets``; None: :meth:`bucket`)."""
+        sampled, *logits = self.decode_sampled(active, allowed, kv_len)
         return sampled.tokens if not logits else (sampled.tokens, *logits)
 
-    def decode_sampled(self, active: np.ndarray, allowed: np.ndarray | None = None):
+    def bucket(self, active: np.ndarray) -> int:
+        """The decode step's length bucket: the smallest holding every active slot's positions and the
+        one it adds (the smallest bucket when none is active)."""
+        active = np.asarray(active, bool)
+        needed = int(self.lengths[active].max()) + 1 if active.any() else 1
+        return decode_bucket(needed, self.buckets)
+
+    def decode_sampled(self, active: np.ndarray, allowed: np.ndarray | None = None, kv_len: int | None = None):
         """:meth:`decode` returning (:class:`Sampled`, and the logits with ``return_logits``)."""
+        active = np.asarray(active, bool)
+        if active.shape != (self.max_batch,):
+            raise ValueError(f"active must be bool [{self.max_batch}], got shape {active.shape}")
+        kv_len = self.bucket(active) if kv_len is None else kv_len
+        if kv_len not in self.buckets:
+            raise ValueError(f"kv_len {kv_len} is not a decode bucket {self.buckets}")
+        if kv_len < self.bucket(active):
+            raise ValueError(f"kv_len {kv_len} is shorter than the active slots' {self.bucket(active)}")
+        if kv_len not in self.compiled_buckets:
+            log.info("decode: length bucket %d of %s (compiled on first use)", kv_len, self.buckets)
+            self.compiled_buckets.add(kv_len)
         _, decode = jitted(self.platform)
         mask = self.no_mask(self.max_batch) if allowed is None else allowed
-        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, self.params, self.state,
-                                  np.asarray(active, bool), mask)
+        self.state, *out = decode(self.platform, self.graphdef, self.return_logits, kv_len, self.params, self.state,
+                                  active, mask)
+        self.lengths += active
         return tuple(out)
 
 
@@ -232,10 +287,10 @@ def jitted(target: str):
     jitted once per process and platform. Both take the platform first, then the graph definition:
     static arguments, so runners of the same model and shapes share executables and each platform
     gets its own trace (:func:`gptoss_jax.platform.current` is set while tracing). Each donates the
-    state."""
+    state. The decode step also takes ``return_logits`` and its length bucket ``kv_len`` (static)."""
     opts = compiler_options(target)
     return (jax.jit(_prefill, static_argnums=(0, 1, 2), donate_argnums=4, compiler_options=opts),
-            jax.jit(_decode, static_argnums=(0, 1, 2), donate_argnums=4, compiler_options=opts))
+            jax.jit(_decode, static_argnums=(0, 1, 2, 3), donate_argnums=5, compiler_options=opts))
 
 
 def _prefill(target: str, graphdef, with_prompt: bool, params, state: DecodeState, slots, tokens, positions, last,
@@ -273,16 +328,19 @@ def _prefill_traced(graphdef, params, state: DecodeState, slots, tokens, positio
     return DecodeState(cache, armed), Sampled(new, logprobs(logits, new)), h
 
 
-def _decode(target: str, graphdef, return_logits: bool, params, state: DecodeState, active, allowed=None):
+def _decode(target: str, graphdef, return_logits: bool, kv_len: int, params, state: DecodeState, active,
+            allowed=None):
+    """active [B] bool; every active slot's position must be below ``kv_len`` (the slots full-attention
+    layers read)."""
     with platform.lowering_for(target):
-        return _decode_traced(graphdef, return_logits, params, state, active, allowed)
+        return _decode_traced(graphdef, return_logits, kv_len, params, state, active, allowed)
 
 
-def _decode_traced(graphdef, return_logits: bool, params, state: DecodeState, active, allowed=None):
+def _decode_traced(graphdef, return_logits: bool, kv_len: int, params, state: DecodeState, active, allowed=None):
     model = nnx.merge(graphdef, params)
     s = state.slots
     positions = jnp.where(active, s.positions, -1)
-    h, cache = model.hidden_states(s.tokens[:, None], positions[:, None], state.cache)
+    h, cache = model.hidden_states(s.tokens[:, None], positions[:, None], state.cache, kv_len=kv_len)
     logits = model.unembed(h[:, 0])  # [B, V]
     tokens = sample(logits, s.sampling, s.counts, s.bias.dense(s.seen), allowed)
     slots = s._replace(tokens=jnp.where(active, tokens, s.tokens), positions=jnp.where(active, s.positions + 1, s.positions),

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from gptoss_jax import platform
 from gptoss_jax.config import ATTENTION_IMPLS, GptOssConfig
@@ -103,17 +104,21 @@ def attention_path(impl: str, n_keys: int, n_queries: int | None = None) -> str:
     """'xla', 'blocked' or 'pallas' for a call of ``n_queries`` queries over ``n_keys`` keys.
 
     'auto': the exact path while all keys fit one key block (``n_keys <= BLOCK_K``: blocking would
-    compute the same single block, so the exact path is as small and is the parity reference); beyond,
-    the Pallas kernel for several queries (prefill, training) in a program traced for a TPU or GPU
-    (:func:`gptoss_jax.platform.current`) of a model not on a mesh (:func:`mesh_aware`), else the
-    blocked path (its memory is O(T x block) instead of T x S scores, sliding layers do O(T x window)
-    work, and a context-sized cache is read only up to the filled slots). Decode (one query) never takes the kernel: 'pallas' there means what 'auto' picks.
+    compute the same single block, so the exact path is as small and is the parity reference), and for
+    one query (decode) in a program traced for a TPU or GPU (:func:`gptoss_jax.platform.current`): its
+    scores are [B, nq, n_keys], the keys it is given are the decode step's length bucket
+    (:func:`gptoss_jax.decode.runner.decode_bucket`), and a static program has no data-dependent loop
+    (on a GPU each trip of one is a round trip to the host). Beyond, the Pallas kernel for several
+    queries (prefill, training) in a program traced for a TPU or GPU of a model not on a mesh
+    (:func:`mesh_aware`), else the blocked path (its memory is O(T x block) instead of T x S scores,
+    sliding layers do O(T x window) work, and a context-sized cache is read only up to the filled
+    slots). Decode never takes the kernel: 'pallas' there means what 'auto' picks.
     """
     impl = check_attention_impl(impl)
     if impl == "pallas" and n_queries == 1:
         impl = "auto"
     if impl == "auto":
-        if n_keys <= BLOCK_K:
+        if n_keys <= BLOCK_K or (n_queries == 1 and platform.current() in ("tpu", "gpu")):
             return "xla"
         kernel = (n_queries is not None and n_queries > 1 and platform.current() in ("tpu", "gpu")
                   and not _on_mesh.get())
@@ -204,11 +209,13 @@ class Attention(nnx.Module):
         return split_qkv(qkv)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 cache: LayerCache | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, LayerCache | None]:
+                 cache: LayerCache | None = None, segment_ids: jax.Array | None = None,
+                 kv_len: int | None = None) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, H], cos/sin [B, T, D/2], positions [B, T] -> ([B, T, H], updated cache).
 
         ``segment_ids`` [B, T] (packed training sequences, no cache): tokens attend within their segment.
+        ``kv_len`` (static; with a cache): a full-attention layer attends over its first ``kv_len`` slots
+        only (:func:`visible_slots`); the caller promises every position < ``kv_len``.
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences and cannot be used with a cache")
@@ -223,7 +230,8 @@ class Attention(nnx.Module):
             # that just left the window), holds every key the chunk needs once updated: attend to it
             # in place instead of copying it.
             cache = update_cache(cache, k, v, positions)
-            keys, values, k_pos = cache.k.astype(k.dtype), cache.v.astype(v.dtype), cache.pos
+            keys, values, k_pos = visible_slots(cache, None if self.window else kv_len)
+            keys, values = keys.astype(k.dtype), values.astype(v.dtype)
         else:  # a ring may overwrite keys that earlier queries of the chunk still see: attend to
             # what it held before the chunk, plus the chunk itself
             keys = jnp.concatenate([cache.k.astype(k.dtype), jnp.swapaxes(k, 1, 2)], axis=2)
@@ -240,6 +248,31 @@ class Attention(nnx.Module):
         if delta is not None:
             y = y + delta
         return (y + self.o_bias[...].astype(jnp.float32)).astype(out.dtype)
+
+
+def visible_slots(cache: LayerCache, kv_len: int | None) -> LayerCache:
+    """The first ``kv_len`` slots of a full-attention layer's cache (all of them for None): k, v
+    [B, nkv, kv_len, D], pos [B, kv_len]. A full layer holds position p in slot p, so when every query
+    position is below ``kv_len`` the slots cut off hold only invisible keys (empty, or positions after
+    the queries) and attention over the rest is the same. A static slice of the updated cache: XLA
+    reads only those slots (the write before it stays in place in the whole cache). In a program for
+    the GPU k and v keep the cache's row-major layout (:func:`_row_major`)."""
+    if kv_len is not None and kv_len < 1:
+        raise ValueError(f"kv_len must be >= 1, got {kv_len}")
+    if kv_len is not None and kv_len < cache.pos.shape[1]:
+        cache = LayerCache(cache.k[:, :, :kv_len], cache.v[:, :, :kv_len], cache.pos[:, :kv_len])
+    if platform.current() == "gpu":
+        cache = cache._replace(k=_row_major(cache.k), v=_row_major(cache.v))
+    return cache
+
+
+def _row_major(x: jax.Array) -> jax.Array:
+    """``x`` in the row-major layout the cache has. In a program for the GPU XLA otherwise gives the
+    values the layout the exact path's dot prefers (slots minor) and propagates it back through the
+    cache write: the whole cache was copied, transposed, updated and transposed back every step (20 MB
+    per full layer at context 4,096, 18 GB per step for 120b at 131,072 with a slice). Not on TPU,
+    where the same constraint makes XLA copy the cache to reach it (its tiled layouts differ)."""
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
 def project_out(out: jax.Array, o_kernel: jax.Array) -> jax.Array:

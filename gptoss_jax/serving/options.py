@@ -13,7 +13,7 @@ import os
 import time
 
 from gptoss_jax.cli import UsageError
-from gptoss_jax.config import ATTENTION_IMPLS
+from gptoss_jax.config import ATTENTION_IMPLS, KV_BUCKET_MIN
 from gptoss_jax.harmony import REASONING_EFFORTS
 from gptoss_jax.sharding.mesh import add_mesh_arguments, check_mesh_arguments, mesh_from_args
 from gptoss_jax.tokenizer import STOP_TOKEN_IDS, VOCAB_ENV, find_vocab
@@ -53,7 +53,8 @@ def real(low: float, high: float | None = None, low_open: bool = False):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, ckpt: bool = True, max_batch: int = 1) -> None:
-    """--ckpt, --dtype, --experts, --context, --max-batch, --prefill-chunk, --attention, --vocab, and the mesh."""
+    """--ckpt, --dtype, --experts, --context, --max-batch, --prefill-chunk, --kv-bucket-min, --attention, --vocab,
+    and the mesh."""
     g = parser.add_argument_group("model")
     if ckpt:
         g.add_argument("--ckpt", required=True,
@@ -66,9 +67,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, ckpt: bool = True, max_
     g.add_argument("--max-batch", type=integer(1), default=max_batch, help="sequences decoded together")
     g.add_argument("--prefill-chunk", type=integer(1), default=256,
                    help="prompt tokens per prefill call (chunks of several short prompts share one call)")
+    g.add_argument("--kv-bucket-min", type=integer(1), default=KV_BUCKET_MIN,
+                   help="smallest decode length bucket: a decode step reads the full-attention layers' cache up to "
+                        "the smallest power of two from this (or the context) holding the running sequences; one "
+                        "decode program per bucket")
     g.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
-                   help="attention path: auto (exact while the keys fit one block, beyond: the Pallas kernel for "
-                        "prefill on TPU/GPU, else blocked), xla (exact), blocked (flash-style, memory O(tokens x "
+                   help="attention path: auto (exact while the keys fit one block or for decode on TPU/GPU, "
+                        "beyond: the Pallas kernel for prefill on TPU/GPU, else blocked), xla (exact), blocked (flash-style, memory O(tokens x "
                         "block)), pallas (the Pallas kernel for prefill; decode keeps auto's path)")
     g.add_argument("--vocab", default=None,
                    help=f"o200k_base.tiktoken file or its folder (default ${VOCAB_ENV}, the tiktoken cache, "
@@ -170,7 +175,8 @@ def build_engine(ckpt: str | os.PathLike, args: argparse.Namespace):
     if context < args.context:
         log.info("context capped at the model's maximum, %d tokens", context)
     engine = Engine(model, max_batch=args.max_batch, context=context, prefill_chunk=args.prefill_chunk,
-                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0))
+                    prefix_cache_blocks=getattr(args, "prefix_cache_blocks", 0),
+                    kv_bucket_min=getattr(args, "kv_bucket_min", KV_BUCKET_MIN))
     engine.start()
     log.info("loaded %s in %.1fs (context %d, batch %d%s)", ckpt, time.perf_counter() - t0, context, args.max_batch,
              "" if mesh is None else f", mesh {dict(mesh.shape)}")
