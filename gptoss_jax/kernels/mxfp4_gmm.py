@@ -10,7 +10,9 @@ VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever
 - :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
 - :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen).
 
-TPU weights may come as :func:`tpu_words` (u32 [E, N, K/8]) instead of u8 blocks.
+TPU weights may come in the TPU layout (:func:`gptoss_jax.mxfp4.to_tpu`: words u32 [E, K/8, N], scales
+u8 [E, K/32, N], N minor, stored so at load time) instead of the checkpoint's u8 blocks, which the TPU
+kernel converts to that layout inside each call (a full pass over all experts' bytes).
 
 Decoding without in-kernel reshapes: a weight word holds P codes (TPU: u32 words, P = 8; GPU: bytes,
 P = 2); code j of word w is element ``P*w + j`` of the row. The activations are split outside the kernel
@@ -78,27 +80,22 @@ def _dma_indices(block_expert: jax.Array, num_experts: int):
 
 # ---------------------------------------------------------------- TPU (Mosaic)
 
-def tpu_words(blocks: jax.Array) -> jax.Array:
-    """blocks u8 [E, N, G, 16] -> u32 [E, N, G*4] (little-endian: code j of word w = value 8w + j).
-
-    The TPU kernel's weight form. TPU tiles the two minor dims of u8 [.., G, 16] in HBM (16 bytes padded
-    to a 128-lane tile), so storing this form once at load time avoids a per-call relayout; given u8
-    blocks the TPU kernel converts them inside each call (a full pass over the experts' bytes)."""
-    if blocks.dtype == jnp.uint32:
-        return blocks
-    e, n, g, _ = blocks.shape
-    return jax.lax.bitcast_convert_type(blocks.reshape(e, n, g * 4, 4), jnp.uint32)
+def tpu_words(blocks: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The TPU kernel's weight form: (words u32 [E, G*4, N], scales u8 [E, Gp, N]) (:func:`mxfp4.to_tpu`);
+    weights already in it are returned as they are. TPU HBM layouts keep the output dim N in the lanes
+    for these shapes (no padding); the u8 [E, N, G, 16] checkpoint blocks are converted in the call."""
+    return (blocks, scales) if mxfp4.is_tpu(blocks) else mxfp4.to_tpu(blocks, scales)
 
 
 def _tpu_weight_planes(w_ref, s_ref, dtype):
-    """The tile's 8 decoded planes [tn, K/8] (dtype), code j of each word times its block's scale."""
-    words = jax.lax.bitcast_convert_type(w_ref[0], jnp.int32)  # [tn, W]
-    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [tn, G]
-    g, w = sc.shape[1], words.shape[1]
-    gi = jax.lax.broadcasted_iota(jnp.int32, (g, w), 0)
-    wi = jax.lax.broadcasted_iota(jnp.int32, (g, w), 1)
-    expand = ((wi >= gi * 4) & (wi < gi * 4 + 4)).astype(jnp.float32)  # [G, W]: word w is in block w // 4
-    scale = _dot(sc, expand, ((1,), (0,)), jnp.float32)  # [tn, W], exact
+    """The tile's 8 decoded planes [W, tn] (dtype): code j of each word times its block's scale."""
+    words = jax.lax.bitcast_convert_type(w_ref[0], jnp.int32)  # [W, tn]
+    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [G, tn]
+    w, g = words.shape[0], sc.shape[0]
+    wi = jax.lax.broadcasted_iota(jnp.int32, (w, g), 0)
+    gi = jax.lax.broadcasted_iota(jnp.int32, (w, g), 1)
+    expand = ((wi >= gi * 4) & (wi < gi * 4 + 4)).astype(jnp.float32)  # [W, G]: word w is in block w // 4 (rows past W/4: none)
+    scale = _dot(expand, sc, ((1,), (0,)), jnp.float32)  # [W, tn], exact
     for j in range(8):
         yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
 
@@ -108,7 +105,7 @@ def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, o_ref, *, num_
     def _():
         acc = jnp.zeros(o_ref.shape, jnp.float32)
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
-            acc += _dot(x_ref[j], wj, ((1,), (1,)), dtype)
+            acc += _dot(x_ref[j], wj, ((1,), (0,)), dtype)
         o_ref[...] = acc
 
     @pl.when(be_ref[pl.program_id(1)] >= num_experts)
@@ -125,7 +122,7 @@ def _tpu_bwd_kernel(be_ref, eid_ref, xb_ref, dy_ref, w_ref, s_ref, o_ref, *, num
     def _():
         dy = dy_ref[...]
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
-            o_ref[j] += _dot(dy, wj, ((1,), (0,)), dtype)
+            o_ref[j] += _dot(dy, wj, ((1,), (1,)), dtype)
 
 
 def _tile(n: int, cap: int = 1024) -> int:
@@ -133,14 +130,14 @@ def _tile(n: int, cap: int = 1024) -> int:
     return max([t for t in range(128, min(n, cap) + 1, 128) if n % t == 0], default=n)
 
 
-def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
+def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None):
     from jax.experimental.pallas import tpu as pltpu
 
-    e, n, g = scales.shape
-    k, w = g * mxfp4.BLOCK, g * 4
+    words, scales = tpu_words(blocks, scales)
+    e, w, n = words.shape
+    g, k = scales.shape[1], w * mxfp4.WORD  # g: the scale rows (blocks padded to a multiple of 32)
     nb = block_expert.shape[0]
     tn = _tile(n)
-    words = tpu_words(blocks)
     eid, xblk = _dma_indices(block_expert, e)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
     if kind == "fwd":
@@ -149,8 +146,8 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
         spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=grid,
             in_specs=[pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
-                      pl.BlockSpec((1, tn, w), lambda j, b, be, ei, xb: (ei[b], j, 0)),
-                      pl.BlockSpec((1, tn, g), lambda j, b, be, ei, xb: (ei[b], j, 0))],
+                      pl.BlockSpec((1, w, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)),
+                      pl.BlockSpec((1, g, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))],
             out_specs=pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j)))
         kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype)
         out_shape = jax.ShapeDtypeStruct((nb * bsz, n), jnp.float32)
@@ -161,15 +158,17 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
         spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=grid,
             in_specs=[pl.BlockSpec((bsz, tn), lambda b, j, be, ei, xb: (xb[b], j)),
-                      pl.BlockSpec((1, tn, w), lambda b, j, be, ei, xb: (ei[b], j, 0)),
-                      pl.BlockSpec((1, tn, g), lambda b, j, be, ei, xb: (ei[b], j, 0))],
+                      pl.BlockSpec((1, w, tn), lambda b, j, be, ei, xb: (ei[b], 0, j)),
+                      pl.BlockSpec((1, g, tn), lambda b, j, be, ei, xb: (ei[b], 0, j))],
             out_specs=pl.BlockSpec((8, bsz, w), lambda b, j, be, ei, xb: (0, b, 0)))
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
         kernel = functools.partial(_tpu_bwd_kernel, num_experts=e, dtype=dtype)
         out_shape = jax.ShapeDtypeStruct((8, nb * bsz, w), jnp.float32)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize
-    # weights: forward fetches each selected expert once (at most min(E, nb)); the transposed product once per block
-    nbytes += (words.size * 4 + scales.size) // e * (min(e, nb) if kind == "fwd" else nb) + out_shape.size * 4
+    # weights: forward fetches each selected expert once (at most min(E, blocks, real rows)); the transposed
+    # product once per block
+    fetched = min(e, nb, rows or nb) if kind == "fwd" else nb
+    nbytes += (words.size * 4 + scales.size) // e * fetched + out_shape.size * 4
     out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
                          interpret=interpret, name=f"mxfp4_gmm_{kind}",
                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
@@ -242,7 +241,7 @@ def _gpu_tile(n: int) -> int:
     raise ValueError(f"the GPU MXFP4 kernel needs output sizes divisible by 16, got {n}")
 
 
-def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
+def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None):
     from jax.experimental.pallas import triton as pltr
 
     e, n, g, _ = blocks.shape
@@ -268,23 +267,24 @@ def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret):
 def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
     if backend not in BACKENDS:
         raise ValueError(f"unknown MXFP4 kernel backend {backend!r}; choose one of {BACKENDS}")
-    if blocks.dtype == jnp.uint32 and backend == TPU:  # tpu_words form [E, N, G*4]
-        if blocks.shape != (*scales.shape[:-1], scales.shape[-1] * 4):
-            raise ValueError(f"MXFP4 words {blocks.shape} do not match scales {scales.shape} (expected [..., G*4])")
-    else:
-        mxfp4._check(blocks.shape, scales.shape)
-    e, n, g = scales.shape
-    want = n if transposed else g * mxfp4.BLOCK
+    if mxfp4.is_tpu(blocks) and backend != TPU:
+        raise ValueError(f"MXFP4 weights in the TPU layout (u32 words {blocks.shape}) run on the TPU kernel only, "
+                         f"not {backend!r}: keep the checkpoint layout off TPU (gptoss_jax.mxfp4.from_tpu)")
+    n, k = mxfp4.dims(blocks.shape, scales.shape)
+    e = scales.shape[0]
+    want = n if transposed else k
     if x.ndim != 2 or x.shape[0] != block_expert.shape[0] * bsz or x.shape[1] != want:
         raise ValueError(f"MXFP4 grouped matmul: rows {x.shape} must be [{block_expert.shape[0]} blocks x {bsz}, "
-                         f"{want}] for weights [{e}, {n}, {g * mxfp4.BLOCK}]")
+                         f"{want}] for weights [{e}, {n}, {k}]")
 
 
-def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
-    """x [nb*bsz, K] (block b's rows times expert block_expert[b]) -> float32 [nb*bsz, N]; x @ W_e^T."""
+def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False,
+        rows: int | None = None):
+    """x [nb*bsz, K] (block b's rows times expert block_expert[b]) -> float32 [nb*bsz, N]; x @ W_e^T.
+    ``rows``: real (non-padding) rows, if known: bounds the distinct experts in the TPU cost estimate."""
     _check(x, blocks, scales, block_expert, bsz, backend, False)
     call = _tpu_call if backend == TPU else _gpu_call
-    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret)
+    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows)
 
 
 def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
@@ -294,17 +294,18 @@ def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret
     return call("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows=None):
     """:func:`gmm` differentiable in x (the packed weights are frozen: no cotangent)."""
-    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
+    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret, rows=rows)
 
 
-def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret):
-    return grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret), (blocks, scales, block_expert, jnp.zeros((0,), x.dtype))
+def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret, rows):
+    return (grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows),
+            (blocks, scales, block_expert, jnp.zeros((0,), x.dtype)))
 
 
-def _bwd(bsz, backend, interpret, res, dy):
+def _bwd(bsz, backend, interpret, rows, res, dy):
     blocks, scales, block_expert, like = res
     dtype = like.dtype
     dx = gmm_t(dy.astype(dtype), blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
