@@ -74,7 +74,8 @@ def test_gpu_kernel_rejects_the_tpu_layout():
 @pytest.mark.parametrize("path,kernel", [("gather", "off"), ("grouped", "off"), (None, "interpret")])
 def test_tpu_layout_experts_equal_the_checkpoint_layout(path, kernel):
     """experts_forward on experts in the TPU layout (gather: matvec_tpu; grouped scan: unpack_tpu; the TPU
-    kernel on the stored words, which one token also takes) equals the checkpoint layout's exact path."""
+    kernel on the stored words, which one token also takes, with the bias added inside the kernel) equals
+    the checkpoint layout's exact path, values and gradients in x and the biases."""
     rng = np.random.default_rng(4)
     experts = _moe_experts(rng)
     tpu = dict(experts)
@@ -84,12 +85,19 @@ def test_tpu_layout_experts_equal_the_checkpoint_layout(path, kernel):
         ids = jnp.asarray(ids, jnp.int32)
         x = jnp.asarray(rng.standard_normal((ids.shape[0], 64)) * 0.05, jnp.float32)
         weights = jax.nn.softmax(jnp.asarray(rng.standard_normal(ids.shape), jnp.float32), -1)
-        want = experts_forward(x, ids, weights, experts, 4, 1.702, 7.0, "grouped", kernel="off")
-        fn = lambda x: experts_forward(x, ids, weights, tpu, 4, 1.702, 7.0, path, kernel=kernel)  # noqa: E731
-        if kernel == "interpret":
-            assert "mxfp4_gmm_fwd" in str(jax.make_jaxpr(fn)(x))  # a single token too
-        got = fn(x)
+        biases = {k: v for k, v in experts.items() if k.endswith("_bias")}
+
+        def loss(x, biases, weights_, path_, kernel_):
+            y = experts_forward(x, ids, weights, {**weights_, **biases}, 4, 1.702, 7.0, path_, kernel=kernel_)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+        (_, want), g_want = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, biases, experts, "grouped", "off")
+        if kernel == "interpret":  # a single token too
+            assert "mxfp4_gmm_fwd" in str(jax.make_jaxpr(lambda x: loss(x, biases, tpu, path, kernel))(x))
+        (_, got), g_got = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, biases, tpu, path, kernel)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
         assert float(jnp.abs(want).max()) > 0
 
 

@@ -8,7 +8,8 @@ VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever
 
 - :func:`gmm`: ``y[b] = x[b] @ W_e^T``  x [nb*bsz, K] -> float32 [nb*bsz, N];
 - :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
-- :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen).
+- :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen);
+- :func:`gmm_bias` (TPU): ``x @ W_e^T + bias_e`` rounded once to x's dtype inside the kernel.
 
 TPU weights may come in the TPU layout (:func:`gptoss_jax.mxfp4.to_tpu`: words u32 [E, K/8, N], scales
 u8 [E, K/32, N], N minor, stored so at load time) instead of the checkpoint's u8 blocks, which the TPU
@@ -100,13 +101,17 @@ def _tpu_weight_planes(w_ref, s_ref, dtype):
         yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
 
 
-def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, o_ref, *, num_experts, dtype):
+def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, *refs, num_experts, dtype):
+    b_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+
     @pl.when(be_ref[pl.program_id(1)] < num_experts)
     def _():
         acc = jnp.zeros(o_ref.shape, jnp.float32)
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
             acc += _dot(x_ref[j], wj, ((1,), (0,)), dtype)
-        o_ref[...] = acc
+        if b_ref is not None:  # the block's expert's bias [1, tn], added in float32, then one rounding
+            acc += b_ref[0].astype(jnp.float32)
+        o_ref[...] = acc.astype(o_ref.dtype)
 
     @pl.when(be_ref[pl.program_id(1)] >= num_experts)
     def _():
@@ -130,7 +135,7 @@ def _tile(n: int, cap: int = 1024) -> int:
     return max([t for t in range(128, min(n, cap) + 1, 128) if n % t == 0], default=n)
 
 
-def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None):
+def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None):
     from jax.experimental.pallas import tpu as pltpu
 
     words, scales = tpu_words(blocks, scales)
@@ -143,14 +148,16 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
     if kind == "fwd":
         x = _planes(a.astype(dtype), 8)  # [8, M, W]
         grid = (n // tn, nb)
+        in_specs = [pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
+                    pl.BlockSpec((1, w, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)),
+                    pl.BlockSpec((1, g, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))]
+        if bias is not None:  # [E, 1, N]: the block's expert's row of each N tile
+            in_specs.append(pl.BlockSpec((1, 1, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)))
         spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=grid,
-            in_specs=[pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
-                      pl.BlockSpec((1, w, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)),
-                      pl.BlockSpec((1, g, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))],
+            num_scalar_prefetch=3, grid=grid, in_specs=in_specs,
             out_specs=pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j)))
         kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype)
-        out_shape = jax.ShapeDtypeStruct((nb * bsz, n), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((nb * bsz, n), jnp.float32 if bias is None else dtype)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize * (n // tn)
     else:
         x = a.astype(dtype)  # dy [M, N]
@@ -168,11 +175,12 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
     # weights: forward fetches each selected expert once (at most min(E, blocks, real rows)); the transposed
     # product once per block
     fetched = min(e, nb, rows or nb) if kind == "fwd" else nb
-    nbytes += (words.size * 4 + scales.size) // e * fetched + out_shape.size * 4
+    nbytes += (words.size * 4 + scales.size) // e * fetched + out_shape.size * jnp.dtype(out_shape.dtype).itemsize
     out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
                          interpret=interpret, name=f"mxfp4_gmm_{kind}",
                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
-                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales)
+                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales,
+                           *(() if bias is None else (bias.reshape(e, 1, n),)))
     return out if kind == "fwd" else _unplanes(out)
 
 
@@ -313,3 +321,35 @@ def _bwd(bsz, backend, interpret, rows, res, dy):
 
 
 grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def gmm_bias(x, blocks, scales, bias, block_expert, *, bsz: int, interpret: bool = False, rows: int | None = None):
+    """TPU: ``(x @ W_e^T + bias_e)`` in x's dtype, the bias [E, N] added to the float32 products inside the
+    kernel and rounded once (as ``(gmm(...) + bias).astype(x.dtype)``), so no float32 [rows, N] product
+    reaches HBM. Differentiable in x and the bias (the packed weights are frozen)."""
+    _check(x, blocks, scales, block_expert, bsz, TPU, False)
+    if bias.shape != (scales.shape[0], mxfp4.dims(blocks.shape, scales.shape)[0]):
+        raise ValueError(f"bias {bias.shape} does not match the experts' [E, N] {(scales.shape[0],)}")
+    return _grouped_bias(x, blocks, scales, bias, block_expert, bsz, interpret, rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _grouped_bias(x, blocks, scales, bias, block_expert, bsz, interpret, rows):
+    return _tpu_call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias)
+
+
+def _bias_fwd(x, blocks, scales, bias, block_expert, bsz, interpret, rows):
+    return (_grouped_bias(x, blocks, scales, bias, block_expert, bsz, interpret, rows),
+            (blocks, scales, block_expert, jnp.zeros((0,), x.dtype), jnp.zeros((0,), bias.dtype)))
+
+
+def _bias_bwd(bsz, interpret, rows, res, dy):
+    blocks, scales, block_expert, like, bias_like = res
+    dx = gmm_t(dy.astype(like.dtype), blocks, scales, block_expert, bsz=bsz, backend=TPU, interpret=interpret)
+    e = scales.shape[0]
+    per_block = dy.astype(jnp.float32).reshape(block_expert.shape[0], bsz, -1).sum(1)
+    dbias = jax.ops.segment_sum(per_block, block_expert, num_segments=e + 1)[:e]  # padding blocks (id E) dropped
+    return dx.astype(like.dtype), None, None, dbias.astype(bias_like.dtype), None
+
+
+_grouped_bias.defvjp(_bias_fwd, _bias_bwd)
