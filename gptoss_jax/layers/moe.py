@@ -16,7 +16,8 @@ Neither computes an expert for a token that did not select it.
 Packed experts on GPU / TPU run the grouped path as one Pallas kernel per projection
 (:mod:`gptoss_jax.kernels.mxfp4_gmm`: MXFP4 decoded inside the kernel, each selected expert's bytes read
 once per call, also for decode from two tokens on, so the batch's rows share their experts' reads; a
-single token takes the gather path); elsewhere the
+single token takes the gather path, except for experts in the TPU layout on the TPU kernel, where both
+projections run in block order with the biases added in the kernel); elsewhere the
 block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` overrides it
 (``off``, ``tpu``, ``gpu``, ``interpret`` = the TPU kernel in Pallas interpret mode, ``interpret-gpu``).
 
