@@ -15,10 +15,16 @@ nothing allocated) for ``--target cpu|h100|h200|v5p`` and prints one JSON object
 Fields: ``temp_bytes``, ``argument_bytes``, ``output_bytes``, ``alias_bytes``, ``peak_bytes``
 (``memory_analysis()``; the peak is XLA's own ``peak_memory_in_bytes`` where it gives one, else
 argument + output - alias + temp); ``hbm_bytes``: bytes moved by one call: ``cost_analysis()['bytes
-accessed']`` where the backend gives it (TPU, CPU), else ``hlo_bytes``; ``hlo_bytes`` and ``kernels``
-always come from the optimized HLO (:mod:`benchmarks.hlo_traffic`: operands + outputs of each launched
-kernel, loops times their trip count); ``ideal_bytes`` (:func:`ideal_bytes`) and ``ratio`` =
+accessed']`` on CPU; on TPU the HBM traffic summed from the optimized HLO (``hbm_source`` 'hlo_hbm':
+arrays in memory space 0 only, see :mod:`benchmarks.hlo_traffic`: XLA:TPU prefetches weights into VMEM,
+``S(1)``, and ``cost_analysis()`` charges both the prefetch and the fused product's read of the VMEM copy;
+it stays in ``cost_analysis_bytes``); on GPU ``hlo_bytes``. ``hlo_bytes`` and ``kernels`` always come
+from the optimized HLO (:mod:`benchmarks.hlo_traffic`: operands + outputs of each launched kernel, any
+memory space, loops times their trip count); ``ideal_bytes`` (:func:`ideal_bytes`) and ``ratio`` =
 hbm / ideal.
+
+Parameters are the abstract model's in the layout the loader gives them on the target's devices
+(:func:`gptoss_jax.layers.moe.layout_for`: packed experts in the TPU layout on v5p).
 
 Plugins are never installed here: for h100/h200 the CUDA plugin and for v5p libtpu must be importable
 (``PYTHONPATH=/tmp/cudaplug:/tmp/tpuplug``; both can be on the path of one process).
@@ -177,14 +183,16 @@ class Program:
     trainable: int = 0
 
 
-def _model(cfg, attention: str = "auto"):
-    """The abstract bf16 / MXFP4 model with every attention layer on ``attention`` (ATTENTION_IMPLS)."""
+def _model(cfg, attention: str = "auto", platform: str = "cpu"):
+    """The abstract bf16 / MXFP4 model with every attention layer on ``attention`` (ATTENTION_IMPLS), its
+    experts in the layout :func:`gptoss_jax.checkpoint.loader.load` gives them on ``platform``."""
     import jax.numpy as jnp
 
     from gptoss_jax.checkpoint.shapes import abstract_model
     from gptoss_jax.layers.attention import set_attention
+    from gptoss_jax.layers.moe import layout_for, set_expert_layout
 
-    model = abstract_model(cfg, jnp.bfloat16, "mxfp4")
+    model = set_expert_layout(abstract_model(cfg, jnp.bfloat16, "mxfp4"), layout_for(platform))
     set_attention(model, attention)
     return model
 
@@ -213,10 +221,10 @@ def decode_program(cfg, device, batch: int, context: int, attention: str = "auto
     from gptoss_jax import platform
     from gptoss_jax.decode.runner import empty_state, jitted
 
-    graphdef, params = nnx.split(_model(cfg, attention))
+    target = platform.of(device)
+    graphdef, params = nnx.split(_model(cfg, attention, target))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     active = jax.ShapeDtypeStruct((batch,), bool)
-    target = platform.of(device)
     kv_len = context if kv_len is None else kv_len
     return Program(jitted(target)[1], (target, graphdef, False, kv_len, *_placed((params, state, active), device)))
 
@@ -230,13 +238,13 @@ def prefill_program(cfg, device, batch: int, context: int, tokens: int, attentio
     from gptoss_jax.decode.runner import empty_state, jitted
     from gptoss_jax.decode.sampling import SlotBias, SlotSampling
 
-    graphdef, params = nnx.split(_model(cfg, attention))
+    target = platform.of(device)
+    graphdef, params = nnx.split(_model(cfg, attention, target))
     state = jax.eval_shape(lambda: empty_state(cfg, batch, context, jnp.bfloat16))
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
     sampling = jax.eval_shape(lambda: SlotSampling.empty(batch))
     bias = jax.eval_shape(lambda: SlotBias.empty(batch))
     rest = (state, i32(batch), i32(batch, tokens), i32(batch, tokens), i32(batch), sampling, bias, None)
-    target = platform.of(device)
     return Program(jitted(target)[0], (target, graphdef, False, *_placed((params, *rest), device)))
 
 
@@ -245,7 +253,9 @@ def train_program(cfg, device, batch: int, tokens: int, rank: int = 8, attention
     import jax.numpy as jnp
     from flax import nnx
 
+    from gptoss_jax import platform
     from gptoss_jax.layers.attention import set_attention
+    from gptoss_jax.layers.moe import layout_for, set_expert_layout
     from gptoss_jax.model import GptOss
     from train import lora
     from train.config import OptimizerConfig
@@ -255,6 +265,7 @@ def train_program(cfg, device, batch: int, tokens: int, rank: int = 8, attention
     model = nnx.eval_shape(lambda: lora.add_lora(GptOss(cfg, dtype=jnp.bfloat16, experts="mxfp4", rngs=nnx.Rngs(0)),
                                                  rank, 2.0 * rank))
     set_attention(model, attention)
+    set_expert_layout(model, layout_for(platform.of(device)))
     graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
     template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
     params = to_tree(trainable)
@@ -276,6 +287,7 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     """Compile one program for ``target`` and return its JSON row (fields in the module docstring);
     ``attention``: the attention implementation of every layer (ATTENTION_IMPLS)."""
     from benchmarks.hlo_traffic import traffic
+    from gptoss_jax import platform
     from gptoss_jax.config import get_preset
 
     cfg = get_preset(model)
@@ -300,6 +312,8 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     text = compiled.as_text()
     t = traffic(text)
+    tpu = platform.of(device) == "tpu"
+    t_hbm = traffic(text, memory_space=0) if tpu else None
     if dump:
         os.makedirs(dump, exist_ok=True)
         with open(os.path.join(dump, f"{target}_{model}_{part}_b{batch}_c{context}_t{tokens}_{attention}.hlo"),
@@ -307,18 +321,19 @@ def measure(target: str, model: str, part: str, batch: int, context: int, tokens
             f.write(text)
     peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-    hbm = cost.get("bytes accessed") if cost else None
+    cost_bytes = cost.get("bytes accessed") if cost else None
+    hbm, source = (t_hbm.bytes, "hlo_hbm") if tpu else (cost_bytes, "cost_analysis") if cost_bytes is not None \
+        else (t.bytes, "hlo")
     ideal = ideal_bytes(cfg, part, batch, tokens, context, prog.trainable)
     row = {"target": target, "model": model, "part": part, "batch": batch, "context": context, "tokens": tokens,
            "attention": attention, "kv_len": kv_len,
            "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
            "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes, "peak_bytes": int(peak),
-           "hbm_bytes": int(hbm if hbm is not None else t.bytes),
-           "hbm_source": "cost_analysis" if hbm is not None else "hlo",
-           "hlo_bytes": t.bytes, "ideal_bytes": ideal["total"], "ideal": ideal,
+           "hbm_bytes": int(hbm), "hbm_source": source,
+           "cost_analysis_bytes": None if cost_bytes is None else int(cost_bytes), "hlo_bytes": t.bytes, "ideal_bytes": ideal["total"], "ideal": ideal,
            "kernels": t.kernels, "unknown_trip_loops": t.unknown_loops, "compile_s": round(seconds, 1)}
     row["ratio"] = round(row["hbm_bytes"] / ideal["total"], 3)
-    row["top_kernels"] = dict(sorted(t.by_kernel.items(), key=lambda kv: -kv[1])[:8])
+    row["top_kernels"] = dict(sorted((t_hbm or t).by_kernel.items(), key=lambda kv: -kv[1])[:8])
     return row
 
 

@@ -18,10 +18,21 @@ cross-check elsewhere. The rules, applied to the text of ``compiled.as_text()``:
     it inserts a ``copy`` beforehand, which is charged like any other kernel);
   - a ``custom-call`` whose backend_config declares ``bytes_accessed`` (Pallas kernels with a cost
     estimate) is charged that; other custom calls their operands and outputs, less the trailing
-    ``s8``/``u8`` workspace of cuBLAS/cuDNN calls.
+    ``s8``/``u8`` workspace of cuBLAS/cuDNN calls;
+  - an asynchronous copy is one transfer: ``copy-start`` is charged its source (the operand) and its
+    destination (element 0 of its (destination, source, context) tuple), ``copy-done`` (the wait) nothing.
+
+``memory_space=0`` counts only arrays in memory space 0 (no ``S(k)`` with k != 0 in their layout):
+HBM on TPU. XLA:TPU's memory-space assignment prefetches operands into ``S(1)`` with
+``copy-start``/``copy-done`` and lets fusions read (and write) ``S(1)`` buffers; on TPU the memory space
+colors are those of ``jax._src.tpu_custom_call.MemorySpace``: 0 HBM, 1 VMEM (on-chip), 2 semaphores
+(the copies' context ``u32[]{:S(2)}``), 4 SMEM, 5 host. So with ``memory_space=0`` a prefetched weight is
+charged once, as the HBM read of its ``copy-start``, not again where a fusion reads the VMEM copy (which
+``cost_analysis()`` adds on top), and VMEM-resident intermediates are not charged at all.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 import re
@@ -30,7 +41,10 @@ _DTYPE_BITS = {"pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u3
                "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128, "s4": 4, "u4": 4, "s2": 2,
                "u2": 2, "s1": 1, "u1": 1, "f4e2m1fn": 4, "f8e8m0fnu": 8, "f8e4m3fn": 8, "f8e5m2": 8,
                "f8e4m3": 8, "f8e3m4": 8, "f8e4m3b11fnuz": 8, "f8e4m3fnuz": 8, "f8e5m2fnuz": 8, "token": 0}
-_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BITS, key=len, reverse=True)) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BITS, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")
+_SPACE = re.compile(r"S\((\d+)\)")
+#: Only arrays in this memory space are charged (None: all); set by :func:`traffic`.
+_ONLY_SPACE: contextvars.ContextVar[int | None] = contextvars.ContextVar("hlo_traffic_space", default=None)
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INST = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+)\s*=\s*")
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
@@ -46,6 +60,11 @@ def shape_bytes(shape: str) -> int:
 
 
 def _array_bytes(m: re.Match) -> int:
+    only = _ONLY_SPACE.get()
+    if only is not None:
+        space = _SPACE.search(m.group(3) or "")
+        if (int(space.group(1)) if space else 0) != only:
+            return 0
     dims = [int(d) for d in m.group(2).split(",") if d]
     return math.prod(dims) * _DTYPE_BITS[m.group(1)] // 8
 
@@ -222,6 +241,9 @@ class Traffic:
 
 
 def _kernel_bytes(comps: dict[str, Computation], comp: Computation, inst: Inst) -> int:
+    if inst.opcode == "copy-start":  # source + destination (element 0 of the tuple)
+        dest = next(_ARRAY.finditer(inst.shape), None)
+        return sum(_value_bytes(comp, o) for o in inst.operands[:1]) + (_array_bytes(dest) if dest else 0)
     if inst.opcode == "custom-call":
         declared = re.search(r'bytes_accessed\\?"?\s*[:=]\s*\\?"?(\d+)', inst.attrs)
         if declared:
@@ -255,7 +277,7 @@ def _kernel_bytes(comps: dict[str, Computation], comp: Computation, inst: Inst) 
 def _walk(comps: dict[str, Computation], comp: Computation) -> Traffic:
     t = Traffic()
     for inst in comp.insts.values():
-        if inst.opcode in _FREE:
+        if inst.opcode in _FREE or inst.opcode == "copy-done":  # the wait of a copy-start: no transfer of its own
             continue
         if inst.opcode == "while":
             trip = re.search(r'known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"', inst.attrs)
@@ -279,10 +301,15 @@ def _walk(comps: dict[str, Computation], comp: Computation) -> Traffic:
     return t
 
 
-def traffic(hlo_text: str) -> Traffic:
-    """Bytes moved and kernels launched by one call of the module (rules in the module docstring)."""
+def traffic(hlo_text: str, memory_space: int | None = None) -> Traffic:
+    """Bytes moved and kernels launched by one call of the module (rules in the module docstring);
+    ``memory_space``: charge only arrays in that memory space (0: HBM on TPU), None: all."""
     comps = parse(hlo_text)
     entry = [c for c in comps.values() if c.entry]
     if len(entry) != 1:
         raise ValueError(f"expected one ENTRY computation in the HLO text, found {len(entry)}")
-    return _walk(comps, entry[0])
+    token = _ONLY_SPACE.set(memory_space)
+    try:
+        return _walk(comps, entry[0])
+    finally:
+        _ONLY_SPACE.reset(token)

@@ -20,7 +20,8 @@ other parameter layouts and adds copies that a real call does not have).
         TPU_ACCELERATOR_TYPE=v5litepod-4 python -m benchmarks.mxfp4_gmm_aot --target v5p
 
 ``--tpu-blocks u8`` compiles the TPU kernel on the checkpoint's u8 [E, N, K/32, 16] blocks (converted to
-:func:`mxfp4_gmm.tpu_words` inside the call) instead of words stored at load time.
+the TPU layout, :func:`gptoss_jax.mxfp4.to_tpu`, inside the call) instead of the TPU layout stored at load
+time (words u32 [E, K/8, N], scales u8 [E, K/32 rounded up to 32, N]).
 """
 from __future__ import annotations
 
@@ -93,18 +94,21 @@ def main(argv=None):
     for name, (n, kk) in {"gate_up": (2 * i, h), "down": (h, i)}.items():
         bshape, sshape = mxfp4.packed_shape((e, n, kk))
         if backend == mxfp4_gmm.TPU and args.tpu_blocks == "words":
-            experts[f"{name}_blocks"] = spec((e, n, kk // 8), jnp.uint32)
+            experts[f"{name}_blocks"] = spec((e, kk // mxfp4.WORD, n), jnp.uint32)
+            experts[f"{name}_scales"] = spec((e, mxfp4.scale_rows(kk // mxfp4.BLOCK), n), jnp.uint8)
         else:
             experts[f"{name}_blocks"] = spec(bshape, jnp.uint8)
-        experts[f"{name}_scales"] = spec(sshape, jnp.uint8)
+            experts[f"{name}_scales"] = spec(sshape, jnp.uint8)
         experts[f"{name}_bias"] = spec((e, n), jnp.bfloat16)
         expert_bytes += mxfp4.packed_nbytes((n, kk))
-    pad = 1.0  # HBM tiles of the TPU kernel's weight operands: u32 words and u8 scales pad lanes to 128
+    pad = 1.0  # HBM tiles of the TPU kernel's weight operands
     if backend == mxfp4_gmm.TPU:
         lanes = lambda v: -(-v // 128) * 128  # noqa: E731
         w, g = h // 8, h // 32  # both projections contract over 2880 (= H = I for gpt-oss)
-        pad = (lanes(w) * 4 + lanes(g)) / (w * 4 + g) if args.tpu_blocks == "words" else \
-            (-(-g // 32) * 32 * 128 + lanes(g)) / (w * 4 + g)  # u8 [.., G, 16]: (32, 128) tiles
+        # TPU layout: N (a multiple of 128) in the lanes, words' rows a multiple of 8, scales padded to 32 rows;
+        # u8 [.., G, 16] blocks: (32, 128) tiles, and the scales' G padded to 128 lanes
+        pad = (w * 4 + mxfp4.scale_rows(g)) / (w * 4 + g) if args.tpu_blocks == "words" else \
+            (-(-g // 32) * 32 * 128 + lanes(g)) / (w * 4 + g)
     print(f"{args.target} {args.preset}: {e} experts, packed expert {expert_bytes / 2**20:.2f} MiB "
           f"(gate_up + down), kernel {backend}"
           + (f", TPU weights as {args.tpu_blocks}" if backend == mxfp4_gmm.TPU else ""))

@@ -97,7 +97,10 @@ def model_params(model) -> dict[str, nnx.Variable]:
             what = "lacks" if name not in params else "has an extra"
             raise ValueError(f"model {what} parameter '{name}' (merge adapters into the base first)")
         if tuple(params[name].shape) != expected[name]:
-            raise ValueError(f"parameter '{name}' has shape {tuple(params[name].shape)}, expected {expected[name]}")
+            hint = (" (packed experts in the TPU layout are saved in the checkpoint's: "
+                    "gptoss_jax.layers.moe.set_expert_layout(model, 'checkpoint') first)"
+                    if name.endswith(("_blocks", "_scales")) else "")
+            raise ValueError(f"parameter '{name}' has shape {tuple(params[name].shape)}, expected {expected[name]}{hint}")
     return params
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptoss_jax import platform as gptoss_platform
 from gptoss_jax.config import GptOssConfig
 from gptoss_jax.layers.attention import Attention, mesh_aware
 from gptoss_jax.layers.common import matmul, param
@@ -81,8 +82,13 @@ class GptOss(nnx.Module):
         return self.norm(x), new_cache
 
     def _boundary(self, x: jax.Array) -> jax.Array:
-        """The residual stream between blocks, constrained to the layout's batch split when on a mesh."""
-        return x if self.layout is None else self.layout.residual(x)
+        """The residual stream between blocks, constrained to the layout's batch split when on a mesh, and
+        materialized once per block in programs traced for TPU (:func:`gptoss_platform.current`): XLA:TPU otherwise reassociates the residual adds into one
+        fusion at the end and duplicates the partial sums into each block's consumers, keeping every
+        block's outputs live to the end (4.5 of the 12 GB live at the peak of a 20b prefill of 32,768
+        tokens)."""
+        x = x if self.layout is None else self.layout.residual(x)
+        return jax.lax.optimization_barrier(x) if gptoss_platform.current() == "tpu" else x
 
     def unembed(self, x: jax.Array) -> jax.Array:
         """[..., H] -> float32 logits [..., V]."""

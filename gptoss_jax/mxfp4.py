@@ -121,3 +121,106 @@ def packed_nbytes(shape: tuple[int, ...]) -> int:
     """Bytes of blocks + scales for a dense shape ``[..., K]`` (4.25 bits per value)."""
     b, s = packed_shape(shape)
     return int(np.prod(b)) + int(np.prod(s))
+
+
+# ------------------------------------------------------------------ the TPU layout (words, N minor)
+#: Values per u32 word of the TPU layout.
+WORD = 8
+#: The TPU layout's scales have their blocks axis padded (with zero scales) to a multiple of this: u8 HBM
+#: tiles hold 32 rows, and XLA:TPU lays out an axis that would be padded after a dim that is not (E), so
+#: [E, 90, N] scales were stored E-minor-second and relaid out in every call.
+SCALE_ROWS = 32
+
+
+def scale_rows(g: int) -> int:
+    """Rows of the TPU layout's scales for ``g`` blocks (g rounded up to :data:`SCALE_ROWS`)."""
+    return -(-g // SCALE_ROWS) * SCALE_ROWS
+
+
+def to_tpu(blocks, scales, *, xp=jnp):
+    """Checkpoint layout -> TPU layout: blocks u8 ``[..., N, G, 16]``, scales u8 ``[..., N, G]`` ->
+    (words u32 ``[..., G*4, N]``, scales u8 ``[..., Gp, N]``; Gp = :func:`scale_rows` (G), rows past G zero).
+
+    Word w of column n holds values ``8w .. 8w+7`` of row n, value ``8w + j`` in bits ``4j .. 4j+3``
+    (the checkpoint's bytes read little-endian). The output dim N is minor in both arrays: TPU tiles the
+    two minor dims of an array in HBM to (sublane, 128 lanes), and the checkpoint's 16-byte / G-element
+    minor dims are padded (x8 for the blocks) or relaid out by XLA in every call; here N (a multiple of
+    128) fills the lanes and the contraction runs over the major dims. NumPy (``xp=np``) or JAX."""
+    _check(blocks.shape, scales.shape)
+    *lead, n, g, _ = blocks.shape
+    if xp is np:
+        words = np.ascontiguousarray(np.asarray(blocks, np.uint8)).reshape(*lead, n, g * 4, 4).view("<u4")[..., 0]
+    else:
+        words = jax.lax.bitcast_convert_type(blocks.reshape(*lead, n, g * 4, 4), jnp.uint32)
+    pad = [(0, 0)] * (scales.ndim - 1) + [(0, scale_rows(g) - g)]
+    return xp.swapaxes(words, -1, -2), xp.swapaxes(xp.pad(scales, pad), -1, -2)
+
+
+def from_tpu(words, scales, *, xp=jnp):
+    """TPU layout -> checkpoint layout (inverse of :func:`to_tpu`)."""
+    check_tpu(words.shape, scales.shape)
+    *lead, w, n = words.shape
+    words = xp.swapaxes(words, -1, -2)  # [..., N, W]
+    if xp is np:
+        blocks = np.ascontiguousarray(np.asarray(words, np.uint32)).astype("<u4").view(np.uint8)
+    else:
+        blocks = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., N, W, 4], little-endian
+    return blocks.reshape(*lead, n, w // 4, BYTES_PER_BLOCK), xp.swapaxes(scales[..., :w // 4, :], -1, -2)
+
+
+def is_tpu(blocks) -> bool:
+    """Whether packed expert weights are in the TPU layout (u32 words) rather than the checkpoint's (u8)."""
+    return jnp.dtype(blocks.dtype) == jnp.uint32
+
+
+def check_tpu(words_shape, scales_shape):
+    if len(words_shape) < 2 or tuple(words_shape[:-2]) != tuple(scales_shape[:-2]) \
+            or words_shape[-1] != scales_shape[-1] or words_shape[-2] % 4 \
+            or scales_shape[-2] != scale_rows(words_shape[-2] // 4):
+        raise ValueError(f"MXFP4 TPU words {tuple(words_shape)} and scales {tuple(scales_shape)} do not match "
+                         f"(expected words [..., G*4, N] and scales [..., G rounded up to {SCALE_ROWS}, N])")
+
+
+def dims(blocks_shape, scales_shape) -> tuple[int, int]:
+    """(N, K) of the matrices packed in either layout (checked)."""
+    if len(blocks_shape) == len(scales_shape):
+        check_tpu(blocks_shape, scales_shape)
+        return words_shape_k(blocks_shape)
+    _check(blocks_shape, scales_shape)
+    return scales_shape[-2], scales_shape[-1] * BLOCK
+
+
+def words_shape_k(words_shape) -> tuple[int, int]:
+    """(N, K) of TPU-layout words [..., K/8, N]."""
+    return words_shape[-1], words_shape[-2] * WORD
+
+
+def _word_codes(words: jax.Array, j: int) -> jax.Array:
+    return (words >> (4 * j)) & 0xF
+
+
+def unpack_tpu(words: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """Decode the TPU layout: words ``[..., G*4, N]``, scales ``[..., Gp, N]`` -> ``[..., N, G*32]`` dtype
+    (the same matrix :func:`unpack` gives for the checkpoint layout)."""
+    check_tpu(words.shape, scales.shape)
+    *lead, w, n = words.shape
+    scales = scales[..., :w // 4, :]
+    codes = jnp.stack([_word_codes(words, j) for j in range(WORD)], axis=-2)  # [..., W, 8, N]
+    scale = jax.lax.bitcast_convert_type(scales, jnp.float8_e8m0fnu).astype(jnp.float32)  # [..., G, N]
+    values = e2m1_values(codes).reshape(*lead, w // 4, 4 * WORD, n) * scale[..., None, :]
+    return jnp.swapaxes(values.reshape(*lead, w * WORD, n), -1, -2).astype(dtype)
+
+
+def matvec_tpu(x: jax.Array, words: jax.Array, scales: jax.Array) -> jax.Array:
+    """:func:`matvec` for the TPU layout: words [G*4, N], scales [Gp, N]; x [K] -> float32 [N].
+
+    N stays the minor (lane) dim throughout: the codes are decoded and reduced over the major dims
+    (words, then blocks), so XLA reads the words once, in their stored layout."""
+    check_tpu(words.shape, scales.shape)
+    w, n = words.shape
+    g = w // 4
+    xs = x.astype(jnp.float32).reshape(g, 4, WORD)  # value 8w + j, word w = 4 * block + q
+    b = words.reshape(g, 4, n)
+    terms = sum(e2m1_values(_word_codes(b, j)) * xs[:, :, j, None] for j in range(WORD))  # [G, 4, N]
+    scale = jax.lax.bitcast_convert_type(scales[:g], jnp.float8_e8m0fnu).astype(jnp.float32)
+    return jnp.sum(jnp.sum(terms, axis=1) * scale, axis=0)

@@ -125,6 +125,33 @@ def test_hlo_traffic_rules_on_a_hand_written_module():
     assert t.unknown_loops == 0
 
 
+PREFETCH_HLO = """HloModule prefetch
+
+%fused_double (p0: bf16[64,128]) -> bf16[64,128] {
+  %p0 = bf16[64,128]{1,0:T(8,128)(2,1)S(1)} parameter(0)
+  ROOT %a = bf16[64,128]{1,0:T(8,128)(2,1)} add(%p0, %p0)
+}
+
+ENTRY %main (w: bf16[64,128]) -> bf16[64,128] {
+  %w = bf16[64,128]{1,0:T(8,128)(2,1)} parameter(0)
+  %cs = (bf16[64,128]{1,0:T(8,128)(2,1)S(1)}, bf16[64,128]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%w)
+  %cd = bf16[64,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%cs)
+  ROOT %y = bf16[64,128]{1,0:T(8,128)(2,1)} fusion(%cd), kind=kLoop, calls=%fused_double
+}
+"""
+
+
+def test_hlo_traffic_charges_a_vmem_prefetch_once_in_hbm():
+    """A weight prefetched into S(1) (VMEM on TPU) by copy-start/copy-done and read there by a fusion: one
+    transfer (source + destination) and the fusion's read and write in all memory spaces; in memory space
+    0 (HBM) the prefetch's HBM read and the fusion's HBM write only."""
+    size = 64 * 128 * 2
+    everywhere, hbm = traffic(PREFETCH_HLO), traffic(PREFETCH_HLO, memory_space=0)
+    assert everywhere.bytes == 2 * size + 2 * size and everywhere.kernels == 2
+    assert hbm.bytes == size + size and hbm.kernels == 2
+    assert hbm.by_kernel == {"cs": size, "y": size}
+
+
 def test_shape_bytes():
     assert shape_bytes("(bf16[2,3]{1,0}, s32[], u8[5])") == 12 + 4 + 5
     assert shape_bytes("pred[7]") == 7
@@ -180,7 +207,8 @@ def test_tiny_decode_compiles_for_the_accelerator(target, kind):
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert (row["target"], row["part"], row["batch"]) == (target, "decode", 2)
     assert row["hbm_bytes"] > 0 and row["kernels"] > 0 and row["ideal_bytes"] > 0
-    assert row["hbm_source"] == ("hlo" if kind == "cuda" else "cost_analysis")
+    assert row["hbm_source"] == ("hlo" if kind == "cuda" else "hlo_hbm")
+    assert (row["cost_analysis_bytes"] is None) == (kind == "cuda")
 
 
 def test_missing_plugin_is_a_one_line_error_naming_the_command():

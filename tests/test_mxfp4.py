@@ -89,3 +89,29 @@ def test_zero_blocks_and_shape_errors():
 def test_packed_size_is_4_25_bits_per_value():
     assert mxfp4.packed_nbytes((32, 5760, 2880)) * 8 / (32 * 5760 * 2880) == 4.25
     assert ml_dtypes.float4_e2m1fn(6.0) == 6.0  # the dtype the decoder goes through
+
+
+def test_tpu_layout_round_trips_and_decodes_to_the_same_matrix():
+    """to_tpu / from_tpu (NumPy and JAX) are inverse and agree; the TPU layout decodes to the same matrix
+    (every byte value, every scale), its padded scale rows are zero; matvec_tpu equals the dense product
+    within float32 summation rounding."""
+    blocks, scales = _every_byte_and_scale()  # [3, 10, 2, 16]: N = 10, K = 64
+    words, st = mxfp4.to_tpu(blocks, scales, xp=np)
+    assert words.dtype == np.uint32 and words.shape == (3, 8, 10) and st.shape == (3, mxfp4.SCALE_ROWS, 10)
+    assert np.all(st[:, 2:] == 0)
+    wj, sj = mxfp4.to_tpu(jnp.asarray(blocks), jnp.asarray(scales))
+    np.testing.assert_array_equal(np.asarray(wj), words)
+    np.testing.assert_array_equal(np.asarray(sj), st)
+    for back in (mxfp4.from_tpu(words, st, xp=np), mxfp4.from_tpu(wj, sj)):
+        np.testing.assert_array_equal(np.asarray(back[0]), blocks)
+        np.testing.assert_array_equal(np.asarray(back[1]), scales)
+    dense = mxfp4.unpack_np(blocks, scales)
+    np.testing.assert_array_equal(np.asarray(mxfp4.unpack_tpu(wj, sj, jnp.float32)), dense)
+    assert mxfp4.is_tpu(wj) and not mxfp4.is_tpu(blocks)
+    assert mxfp4.dims(wj.shape, sj.shape) == mxfp4.dims(blocks.shape, scales.shape) == (10, 64)
+    x = np.random.default_rng(1).standard_normal(64).astype(np.float32)
+    exact = dense[1].astype(np.float64) @ x
+    bound = 65 * 2.0 ** -24 * (np.abs(dense[1]).astype(np.float64) @ np.abs(x))
+    assert np.all(np.abs(np.asarray(mxfp4.matvec_tpu(jnp.asarray(x), wj[1], sj[1])) - exact) <= bound)
+    with pytest.raises(ValueError, match="TPU words"):
+        mxfp4.unpack_tpu(wj, sj[:, :1])

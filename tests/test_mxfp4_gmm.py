@@ -44,14 +44,17 @@ def _exact(a, w, block_expert, transposed):
     return np.concatenate([o for o, _ in out]), np.concatenate([np.broadcast_to(s, o.shape) for o, s in out])
 
 
-@pytest.mark.parametrize("backend", mxfp4_gmm.BACKENDS)
+@pytest.mark.parametrize("backend,layout", [*((b, "checkpoint") for b in mxfp4_gmm.BACKENDS), (mxfp4_gmm.TPU, "tpu")])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_kernel_matches_exact_products(backend, dtype, transposed):
+def test_kernel_matches_exact_products(backend, layout, dtype, transposed):
+    """layout 'tpu': the TPU kernel on weights stored in :func:`mxfp4.to_tpu`'s layout (as loaded on TPU)."""
     rng = np.random.default_rng(0)
     blocks, scales = _weights(rng)
-    block_expert = jnp.array([0, 2, 2, 3], jnp.int32)  # expert 1 empty, a padding block (id E) last
     w = mxfp4.unpack_np(blocks, scales, np.float64)  # [E, N, K]
+    if layout == "tpu":
+        blocks, scales = mxfp4.to_tpu(blocks, scales)
+    block_expert = jnp.array([0, 2, 2, 3], jnp.int32)  # expert 1 empty, a padding block (id E) last
     a = jnp.asarray(rng.standard_normal((4 * BSZ, N if transposed else K)), jnp.float32).astype(dtype)
     fn = mxfp4_gmm.gmm_t if transposed else mxfp4_gmm.gmm
     ours = np.asarray(fn(a, blocks, scales, block_expert, bsz=BSZ, backend=backend, interpret=True))
@@ -60,6 +63,42 @@ def test_kernel_matches_exact_products(backend, dtype, transposed):
     assert np.all(np.abs(ours - exact) <= (terms + 1) * U * scale)
     assert np.abs(ours - exact).max() <= 1e-5 * np.abs(exact).max()
     assert np.all(ours[3 * BSZ:] == 0)  # the padding block reads nothing and writes zeros
+
+
+def test_gpu_kernel_rejects_the_tpu_layout():
+    blocks, scales = mxfp4.to_tpu(*_weights(np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="TPU kernel only"):
+        mxfp4_gmm.gmm(jnp.zeros((2 * BSZ, K)), blocks, scales, jnp.zeros(2, jnp.int32), bsz=BSZ, backend="gpu")
+
+
+@pytest.mark.parametrize("path,kernel", [("gather", "off"), ("grouped", "off"), (None, "interpret")])
+def test_tpu_layout_experts_equal_the_checkpoint_layout(path, kernel):
+    """experts_forward on experts in the TPU layout (gather: matvec_tpu; grouped scan: unpack_tpu; the TPU
+    kernel on the stored words, which one token also takes, with the bias added inside the kernel) equals
+    the checkpoint layout's exact path, values and gradients in x and the biases."""
+    rng = np.random.default_rng(4)
+    experts = _moe_experts(rng)
+    tpu = dict(experts)
+    for name in ("gate_up", "down"):
+        tpu[f"{name}_blocks"], tpu[f"{name}_scales"] = mxfp4.to_tpu(experts[f"{name}_blocks"], experts[f"{name}_scales"])
+    for ids in ([[2, 0]], [[1, 3], [3, 4], [1, 2]]):
+        ids = jnp.asarray(ids, jnp.int32)
+        x = jnp.asarray(rng.standard_normal((ids.shape[0], 64)) * 0.05, jnp.float32)
+        weights = jax.nn.softmax(jnp.asarray(rng.standard_normal(ids.shape), jnp.float32), -1)
+        biases = {k: v for k, v in experts.items() if k.endswith("_bias")}
+
+        def loss(x, biases, weights_, path_, kernel_):
+            y = experts_forward(x, ids, weights, {**weights_, **biases}, 4, 1.702, 7.0, path_, kernel=kernel_)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+        (_, want), g_want = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, biases, experts, "grouped", "off")
+        if kernel == "interpret":  # a single token too
+            assert "mxfp4_gmm_fwd" in str(jax.make_jaxpr(lambda x: loss(x, biases, tpu, path, kernel))(x))
+        (_, got), g_got = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, biases, tpu, path, kernel)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+        for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(b).max()))
+        assert float(jnp.abs(want).max()) > 0
 
 
 def test_kernel_rejects_mismatched_rows():

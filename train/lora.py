@@ -138,12 +138,15 @@ def _merge_experts(moe: MoE, name: str, delta: jax.Array) -> None:
     if moe.expert_format == "dense":
         _add_to(moe.gate_up_kernel if name == "gate_up" else moe.down_kernel, delta)
         return
+    layout = moe.expert_layout  # experts in the TPU layout are merged in the checkpoint's and converted back
+    moe.set_expert_layout("checkpoint")
     blocks, scales = (moe.gate_up_blocks, moe.gate_up_scales) if name == "gate_up" else (moe.down_blocks,
                                                                                          moe.down_scales)
     w = mxfp4.unpack(blocks[...], scales[...], jnp.float32) + jnp.swapaxes(delta, 1, 2)
     new_blocks, new_scales = jax.jit(mxfp4.quantize)(w)
     blocks.set_value(new_blocks)
     scales.set_value(new_scales)
+    moe.set_expert_layout(layout)
 
 
 def merge_lora(model: GptOss) -> GptOss:

@@ -24,7 +24,9 @@ from gptoss_jax.checkpoint.names import Item, plan
 from gptoss_jax.checkpoint.official import OfficialCheckpoint, open_checkpoint
 from gptoss_jax.checkpoint.orbax import convert_experts, group_of, is_converted, read_marker, restore_values
 from gptoss_jax.checkpoint.shapes import EXPERT_FORMATS, abstract_model, flat_paths
+from gptoss_jax import platform
 from gptoss_jax.config import GptOssConfig
+from gptoss_jax.layers.moe import EXPERT_LAYOUTS, layout_for, set_expert_layout
 from gptoss_jax.model import GptOss
 from gptoss_jax.sharding import Layout, get_rules, state_shardings, use_layout
 
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str | None = None, *, layout: str | None = None,
-         mesh: jax.sharding.Mesh | None = None, rules=None) -> GptOss:
+         mesh: jax.sharding.Mesh | None = None, rules=None, expert_layout: str | None = None) -> GptOss:
     """Load a gpt-oss checkpoint folder.
 
     path: an official folder in the transformers layout (repository root) or the ``original/``
@@ -44,13 +46,16 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str | None = None
     mesh, rules: place each parameter on ``mesh`` as its logical axes map through ``rules`` (a preset
       name of :data:`gptoss_jax.sharding.PRESETS` or a table; default
       :data:`gptoss_jax.sharding.DEFAULT_RULES`) and run the model there; without a mesh, the default device.
+    expert_layout: how packed experts are stored (:data:`gptoss_jax.layers.moe.EXPERT_LAYOUTS`): None picks
+      it from where the parameters live ('tpu' on TPU devices: u32 words and scales with the output dim
+      minor, read as stored by the TPU kernel; else 'checkpoint', the u8 blocks as in the file).
     """
     if experts is not None and experts not in EXPERT_FORMATS:
         raise ValueError(f"experts must be one of {EXPERT_FORMATS} or None, got {experts!r}")
     if os.path.isdir(path) and is_converted(path):
         if layout is not None:
             raise ValueError(f"{path} is a gptoss-jax checkpoint; layout= applies to official folders only")
-        return restore_model(path, dtype, experts, mesh=mesh, rules=rules)
+        return restore_model(path, dtype, experts, mesh=mesh, rules=rules, expert_layout=expert_layout)
     ckpt = open_checkpoint(path, layout)
     experts = ckpt.experts if experts is None else experts
     items = plan(ckpt.config, ckpt.layout, ckpt.experts, experts)
@@ -64,11 +69,11 @@ def load(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str | None = None
             values.update({p: jax.device_put(a, shardings[p]) for p, a in arrays.items()})
         return values
 
-    return build_model(ckpt.config, dtype, experts, ckpt.experts, ckpt.folder, read, mesh, rules)
+    return build_model(ckpt.config, dtype, experts, ckpt.experts, ckpt.folder, read, mesh, rules, expert_layout)
 
 
 def restore_model(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str | None = None, *,
-                  mesh: jax.sharding.Mesh | None = None, rules=None) -> GptOss:
+                  mesh: jax.sharding.Mesh | None = None, rules=None, expert_layout: str | None = None) -> GptOss:
     """Our folder -> :class:`GptOss` (what :func:`load` does for these folders).
 
     Stored MXFP4 experts asked for as ``dense`` are decoded on device (exact); stored dense experts
@@ -87,16 +92,20 @@ def restore_model(path: str | os.PathLike, dtype=jnp.bfloat16, experts: str | No
         values = restore_values(marker, flat_paths(stored_abstract), _shardings(stored_abstract, mesh, rules))
         return convert_experts(values, stored, shardings, targets)
 
-    return build_model(cfg, dtype, experts, stored, marker.folder, read, mesh, rules)
+    return build_model(cfg, dtype, experts, stored, marker.folder, read, mesh, rules, expert_layout)
 
 
 def build_model(cfg: GptOssConfig, dtype, experts: str, stored: str, source: str,
-                read: Callable[[dict, dict], dict[str, jax.Array]], mesh=None, rules=None) -> GptOss:
+                read: Callable[[dict, dict], dict[str, jax.Array]], mesh=None, rules=None,
+                expert_layout: str | None = None) -> GptOss:
     """The one place parameters become a model.
 
     read(targets, shardings): {path: ShapeDtypeStruct}, {path: Sharding | None} -> {path: array},
     every parameter of ``GptOss(cfg, dtype, experts)`` with that shape and dtype (checked here).
+    ``expert_layout``: as :func:`load`'s (None: from the platform the parameters were placed on).
     """
+    if expert_layout is not None and expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {EXPERT_LAYOUTS} or None, got {expert_layout!r}")
     warn_if_lossy(source, stored, experts)
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype, experts))
     targets = flat_paths(abstract)
@@ -110,7 +119,10 @@ def build_model(cfg: GptOssConfig, dtype, experts: str, stored: str, source: str
     for path, var in nnx.to_flat_state(abstract):
         var.set_value(values[".".join(map(str, path))])  # keeps the Variables' logical-axis metadata
     model = nnx.merge(graphdef, abstract)
-    return model if mesh is None else use_layout(model, Layout(mesh, rules))  # the MoE runs expert-parallel
+    if mesh is not None:
+        use_layout(model, Layout(mesh, rules))  # the MoE runs expert-parallel
+    placed_on = platform.of(jax.tree.leaves(nnx.state(model, nnx.Param)), default="cpu")
+    return set_expert_layout(model, expert_layout or layout_for(placed_on))
 
 
 def warn_if_lossy(source: str, stored: str, experts: str, hint: str = "experts='dense'") -> None:

@@ -11,9 +11,12 @@ VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever
   same sum outside would be; a bf16 output halves the [rows, N] buffer a prefill keeps live);
 - :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
 - :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen;
-  the bias gets its per-expert sum of dy).
+  the bias gets its per-expert sum of dy);
+- :func:`gmm_bias`: :func:`grouped_matmul` with the bias added inside and the output in x's dtype.
 
-TPU weights may come as :func:`tpu_words` (u32 [E, N, K/8]) instead of u8 blocks.
+TPU weights may come in the TPU layout (:func:`gptoss_jax.mxfp4.to_tpu`: words u32 [E, K/8, N], scales
+u8 [E, K/32, N], N minor, stored so at load time) instead of the checkpoint's u8 blocks, which the TPU
+kernel converts to that layout inside each call (a full pass over all experts' bytes).
 
 Decoding without in-kernel reshapes: a weight word holds P codes (TPU: u32 words, P = 8; GPU: bytes,
 P = 2); code j of word w is element ``P*w + j`` of the row. The activations are split outside the kernel
@@ -81,27 +84,22 @@ def _dma_indices(block_expert: jax.Array, num_experts: int):
 
 # ---------------------------------------------------------------- TPU (Mosaic)
 
-def tpu_words(blocks: jax.Array) -> jax.Array:
-    """blocks u8 [E, N, G, 16] -> u32 [E, N, G*4] (little-endian: code j of word w = value 8w + j).
-
-    The TPU kernel's weight form. TPU tiles the two minor dims of u8 [.., G, 16] in HBM (16 bytes padded
-    to a 128-lane tile), so storing this form once at load time avoids a per-call relayout; given u8
-    blocks the TPU kernel converts them inside each call (a full pass over the experts' bytes)."""
-    if blocks.dtype == jnp.uint32:
-        return blocks
-    e, n, g, _ = blocks.shape
-    return jax.lax.bitcast_convert_type(blocks.reshape(e, n, g * 4, 4), jnp.uint32)
+def tpu_words(blocks: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The TPU kernel's weight form: (words u32 [E, G*4, N], scales u8 [E, Gp, N]) (:func:`mxfp4.to_tpu`);
+    weights already in it are returned as they are. TPU HBM layouts keep the output dim N in the lanes
+    for these shapes (no padding); the u8 [E, N, G, 16] checkpoint blocks are converted in the call."""
+    return (blocks, scales) if mxfp4.is_tpu(blocks) else mxfp4.to_tpu(blocks, scales)
 
 
 def _tpu_weight_planes(w_ref, s_ref, dtype):
-    """The tile's 8 decoded planes [tn, K/8] (dtype), code j of each word times its block's scale."""
-    words = jax.lax.bitcast_convert_type(w_ref[0], jnp.int32)  # [tn, W]
-    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [tn, G]
-    g, w = sc.shape[1], words.shape[1]
-    gi = jax.lax.broadcasted_iota(jnp.int32, (g, w), 0)
-    wi = jax.lax.broadcasted_iota(jnp.int32, (g, w), 1)
-    expand = ((wi >= gi * 4) & (wi < gi * 4 + 4)).astype(jnp.float32)  # [G, W]: word w is in block w // 4
-    scale = _dot(sc, expand, ((1,), (0,)), jnp.float32)  # [tn, W], exact
+    """The tile's 8 decoded planes [W, tn] (dtype): code j of each word times its block's scale."""
+    words = jax.lax.bitcast_convert_type(w_ref[0], jnp.int32)  # [W, tn]
+    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [G, tn]
+    w, g = words.shape[0], sc.shape[0]
+    wi = jax.lax.broadcasted_iota(jnp.int32, (w, g), 0)
+    gi = jax.lax.broadcasted_iota(jnp.int32, (w, g), 1)
+    expand = ((wi >= gi * 4) & (wi < gi * 4 + 4)).astype(jnp.float32)  # [W, G]: word w is in block w // 4 (rows past W/4: none)
+    scale = _dot(expand, sc, ((1,), (0,)), jnp.float32)  # [W, tn], exact
     for j in range(8):
         yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
 
@@ -113,9 +111,9 @@ def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, *refs, num_exp
     def _():
         acc = jnp.zeros(o_ref.shape, jnp.float32)
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
-            acc += _dot(x_ref[j], wj, ((1,), (1,)), dtype)
-        if b_ref:
-            acc += b_ref[0][0].astype(jnp.float32)  # [1, tn] row, broadcast over the block's rows
+            acc += _dot(x_ref[j], wj, ((1,), (0,)), dtype)
+        if b_ref:  # the block's expert's bias [1, tn], added in float32, then one rounding
+            acc += b_ref[0][0].astype(jnp.float32)
         o_ref[...] = acc.astype(o_ref.dtype)
 
     @pl.when(be_ref[pl.program_id(1)] >= num_experts)
@@ -132,7 +130,7 @@ def _tpu_bwd_kernel(be_ref, eid_ref, xb_ref, dy_ref, w_ref, s_ref, o_ref, *, num
     def _():
         dy = dy_ref[...]
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
-            o_ref[j] += _dot(dy, wj, ((1,), (0,)), dtype)
+            o_ref[j] += _dot(dy, wj, ((1,), (1,)), dtype)
 
 
 def _tile(n: int, cap: int = 1024) -> int:
@@ -140,25 +138,27 @@ def _tile(n: int, cap: int = 1024) -> int:
     return max([t for t in range(128, min(n, cap) + 1, 128) if n % t == 0], default=n)
 
 
-def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, bias=None, out_dtype=jnp.float32):
+def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None,
+              out_dtype=jnp.float32):
     from jax.experimental.pallas import tpu as pltpu
 
-    e, n, g = scales.shape
-    k, w = g * mxfp4.BLOCK, g * 4
+    words, scales = tpu_words(blocks, scales)
+    e, w, n = words.shape
+    g, k = scales.shape[1], w * mxfp4.WORD  # g: the scale rows (blocks padded to a multiple of 32)
     nb = block_expert.shape[0]
     tn = _tile(n)
-    words = tpu_words(blocks)
     eid, xblk = _dma_indices(block_expert, e)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
     if kind == "fwd":
         x = _planes(a.astype(dtype), 8)  # [8, M, W]
         grid = (n // tn, nb)
-        bias_spec = [] if bias is None else [pl.BlockSpec((1, 1, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))]
+        in_specs = [pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
+                    pl.BlockSpec((1, w, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)),
+                    pl.BlockSpec((1, g, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))]
+        if bias is not None:  # [E, 1, N]: the block's expert's row of each N tile
+            in_specs.append(pl.BlockSpec((1, 1, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)))
         spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=grid,
-            in_specs=[pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
-                      pl.BlockSpec((1, tn, w), lambda j, b, be, ei, xb: (ei[b], j, 0)),
-                      pl.BlockSpec((1, tn, g), lambda j, b, be, ei, xb: (ei[b], j, 0)), *bias_spec],
+            num_scalar_prefetch=3, grid=grid, in_specs=in_specs,
             out_specs=pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j)))
         kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype)
         out_shape = jax.ShapeDtypeStruct((nb * bsz, n), out_dtype)
@@ -169,21 +169,22 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, bias
         spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=grid,
             in_specs=[pl.BlockSpec((bsz, tn), lambda b, j, be, ei, xb: (xb[b], j)),
-                      pl.BlockSpec((1, tn, w), lambda b, j, be, ei, xb: (ei[b], j, 0)),
-                      pl.BlockSpec((1, tn, g), lambda b, j, be, ei, xb: (ei[b], j, 0))],
+                      pl.BlockSpec((1, w, tn), lambda b, j, be, ei, xb: (ei[b], 0, j)),
+                      pl.BlockSpec((1, g, tn), lambda b, j, be, ei, xb: (ei[b], 0, j))],
             out_specs=pl.BlockSpec((8, bsz, w), lambda b, j, be, ei, xb: (0, b, 0)))
         params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
         kernel = functools.partial(_tpu_bwd_kernel, num_experts=e, dtype=dtype)
         out_shape = jax.ShapeDtypeStruct((8, nb * bsz, w), jnp.float32)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize
-    # weights: forward fetches each selected expert once (at most min(E, nb)); the transposed product once per block
-    nbytes += (words.size * 4 + scales.size) // e * (min(e, nb) if kind == "fwd" else nb) \
-        + out_shape.size * jnp.dtype(out_shape.dtype).itemsize
-    extra = () if bias is None else (bias.reshape(e, 1, n),)
+    # weights: forward fetches each selected expert once (at most min(E, blocks, real rows)); the transposed
+    # product once per block
+    fetched = min(e, nb, rows or nb) if kind == "fwd" else nb
+    nbytes += (words.size * 4 + scales.size) // e * fetched + out_shape.size * jnp.dtype(out_shape.dtype).itemsize
     out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
                          interpret=interpret, name=f"mxfp4_gmm_{kind}",
                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
-                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales, *extra)
+                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales,
+                           *(() if bias is None else (bias.reshape(e, 1, n),)))
     return out if kind == "fwd" else _unplanes(out)
 
 
@@ -256,7 +257,8 @@ def _gpu_tile(n: int) -> int:
     raise ValueError(f"the GPU MXFP4 kernel needs output sizes divisible by 16, got {n}")
 
 
-def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, bias=None, out_dtype=jnp.float32):
+def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None,
+              out_dtype=jnp.float32):
     from jax.experimental.pallas import triton as pltr
 
     e, n, g, _ = blocks.shape
@@ -283,29 +285,29 @@ def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, bias
 def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
     if backend not in BACKENDS:
         raise ValueError(f"unknown MXFP4 kernel backend {backend!r}; choose one of {BACKENDS}")
-    if blocks.dtype == jnp.uint32 and backend == TPU:  # tpu_words form [E, N, G*4]
-        if blocks.shape != (*scales.shape[:-1], scales.shape[-1] * 4):
-            raise ValueError(f"MXFP4 words {blocks.shape} do not match scales {scales.shape} (expected [..., G*4])")
-    else:
-        mxfp4._check(blocks.shape, scales.shape)
-    e, n, g = scales.shape
-    want = n if transposed else g * mxfp4.BLOCK
+    if mxfp4.is_tpu(blocks) and backend != TPU:
+        raise ValueError(f"MXFP4 weights in the TPU layout (u32 words {blocks.shape}) run on the TPU kernel only, "
+                         f"not {backend!r}: keep the checkpoint layout off TPU (gptoss_jax.mxfp4.from_tpu)")
+    n, k = mxfp4.dims(blocks.shape, scales.shape)
+    e = scales.shape[0]
+    want = n if transposed else k
     if x.ndim != 2 or x.shape[0] != block_expert.shape[0] * bsz or x.shape[1] != want:
         raise ValueError(f"MXFP4 grouped matmul: rows {x.shape} must be [{block_expert.shape[0]} blocks x {bsz}, "
-                         f"{want}] for weights [{e}, {n}, {g * mxfp4.BLOCK}]")
+                         f"{want}] for weights [{e}, {n}, {k}]")
 
 
-def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False, bias=None,
-        out_dtype=jnp.float32):
+def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False,
+        rows: int | None = None, bias=None, out_dtype=jnp.float32):
     """x [nb*bsz, K] (block b's rows times expert block_expert[b]) -> [nb*bsz, N] in ``out_dtype``:
     x @ W_e^T, plus ``bias`` [E, N] row e (None: none) in float32 before the one rounding to
-    ``out_dtype``; padding blocks give zeros."""
+    ``out_dtype``; padding blocks give zeros. ``rows``: real (non-padding) rows, if known: bounds the
+    distinct experts in the TPU cost estimate."""
     _check(x, blocks, scales, block_expert, bsz, backend, False)
-    e, n = scales.shape[:2]
+    e, n = scales.shape[0], mxfp4.dims(blocks.shape, scales.shape)[0]
     if bias is not None and bias.shape != (e, n):
         raise ValueError(f"MXFP4 grouped matmul: bias {bias.shape} must be [{e}, {n}]")
     call = _tpu_call if backend == TPU else _gpu_call
-    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, bias, out_dtype)
+    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, out_dtype)
 
 
 def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
@@ -315,20 +317,21 @@ def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret
     return call("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 8))
-def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, bias=None, out_dtype=jnp.float32):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 9))
+def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows=None, bias=None,
+                   out_dtype=jnp.float32):
     """:func:`gmm` differentiable in x and ``bias`` (the packed weights are frozen: no cotangent)."""
-    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret, bias=bias,
-               out_dtype=out_dtype)
+    return gmm(x, blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret, rows=rows,
+               bias=bias, out_dtype=out_dtype)
 
 
-def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret, bias, out_dtype):
-    y = grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, bias, out_dtype)
+def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, out_dtype):
+    y = grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, out_dtype)
     like = jnp.zeros((0,), x.dtype), None if bias is None else jnp.zeros((0,), bias.dtype)
     return y, (blocks, scales, block_expert, like)
 
 
-def _bwd(bsz, backend, interpret, out_dtype, res, dy):
+def _bwd(bsz, backend, interpret, rows, out_dtype, res, dy):
     blocks, scales, block_expert, (like, bias_like) = res
     dtype = like.dtype
     dx = gmm_t(dy.astype(dtype), blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
@@ -336,8 +339,17 @@ def _bwd(bsz, backend, interpret, out_dtype, res, dy):
     if bias_like is not None:  # row e of the bias: the sum of dy over the rows of expert e's blocks
         e = scales.shape[0]
         per_block = dy.astype(jnp.float32).reshape(block_expert.shape[0], bsz, -1).sum(axis=1)
-        dbias = jax.ops.segment_sum(per_block, block_expert, num_segments=e).astype(bias_like.dtype)
+        dbias = jax.ops.segment_sum(per_block, block_expert, num_segments=e + 1)[:e]  # padding blocks (id E) dropped
+        dbias = dbias.astype(bias_like.dtype)
     return dx.astype(dtype), None, None, None, dbias
 
 
 grouped_matmul.defvjp(_fwd, _bwd)
+
+
+def gmm_bias(x, blocks, scales, bias, block_expert, *, bsz: int, backend: str = TPU, interpret: bool = False,
+             rows: int | None = None):
+    """``(x @ W_e^T + bias_e)`` in x's dtype (:func:`grouped_matmul` with the bias [E, N] added to the
+    float32 products inside the kernel and rounded once), so no float32 [rows, N] product reaches HBM.
+    Differentiable in x and the bias (the packed weights are frozen)."""
+    return grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, x.dtype)

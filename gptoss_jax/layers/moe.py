@@ -16,9 +16,16 @@ Neither computes an expert for a token that did not select it.
 Packed experts on GPU / TPU run the grouped path as one Pallas kernel per projection
 (:mod:`gptoss_jax.kernels.mxfp4_gmm`: MXFP4 decoded inside the kernel, each selected expert's bytes read
 once per call, also for decode from two tokens on, so the batch's rows share their experts' reads; a
-single token takes the gather path); elsewhere the
+single token takes the gather path, except for experts in the TPU layout on the TPU kernel, where both
+projections run in block order with the biases added in the kernel); elsewhere the
 block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` overrides it
 (``off``, ``tpu``, ``gpu``, ``interpret`` = the TPU kernel in Pallas interpret mode, ``interpret-gpu``).
+
+Packed experts have two storage layouts (``MoE.expert_layout``; the code dispatches on the blocks'
+dtype): ``checkpoint`` (u8 blocks as above) and ``tpu`` (:func:`gptoss_jax.mxfp4.to_tpu`: u32 words
+``[E, in/8, out]`` and scales ``[E, in/32, out]``, the output dim minor), which TPU HBM holds without
+padding and which the TPU kernel and the matrix-vector product read as stored. The loader picks ``tpu``
+for parameters placed on TPU devices (:func:`set_expert_layout`); CPU and GPU keep the checkpoint's.
 
 Optional per-expert LoRA adapters ride in the same experts dict with a leading expert axis:
 ``{name}_lora_a`` [E, in, r] and ``{name}_lora_b`` [E, r, out] (already scaled by alpha/r); each
@@ -44,6 +51,9 @@ DENSE = "dense"
 EXPERT_FORMATS = (PACKED, DENSE)
 KERNEL_ENV = "GPTOSS_MOE_KERNEL"
 KERNEL_MODES = ("auto", "off", mxfp4_gmm.TPU, mxfp4_gmm.GPU, "interpret", "interpret-gpu")
+CHECKPOINT_LAYOUT = "checkpoint"
+TPU_LAYOUT = "tpu"
+EXPERT_LAYOUTS = (CHECKPOINT_LAYOUT, TPU_LAYOUT)
 
 
 def kernel_choice(mode: str | None = None, platform: str | None = None) -> tuple[str, bool] | None:
@@ -76,10 +86,12 @@ def router(x: jax.Array, kernel: jax.Array, bias: jax.Array, k: int) -> tuple[ja
 
 
 def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
-    """Clamped SwiGLU on interleaved [..., 2I] -> [..., I] (float32 math, x's dtype out)."""
-    h = gate_up.astype(jnp.float32)
-    gate = jnp.minimum(h[..., 0::2], limit)
-    up = jnp.clip(h[..., 1::2], -limit, limit)
+    """Clamped SwiGLU on interleaved [..., 2I] -> [..., I] (float32 math, x's dtype out).
+
+    The halves are sliced before the conversion (the same values): XLA:TPU wrote the whole float32
+    [rows, 2I] and both float32 halves (6.1 GB live at the peak of a 20b prefill of 32,768 tokens)."""
+    gate = jnp.minimum(gate_up[..., 0::2].astype(jnp.float32), limit)
+    up = jnp.clip(gate_up[..., 1::2].astype(jnp.float32), -limit, limit)
     return (gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)).astype(gate_up.dtype)
 
 
@@ -92,7 +104,8 @@ def _expert_weight(experts: dict, name: str, ids: jax.Array, dtype) -> jax.Array
     """Weights of ``name`` ('gate_up' | 'down') for expert ``ids``, as [.., out, in] in ``dtype``."""
     if f"{name}_blocks" in experts:
         blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
-        return mxfp4.unpack(take_experts(blocks, ids), take_experts(scales, ids), dtype)
+        unpack = mxfp4.unpack_tpu if mxfp4.is_tpu(blocks) else mxfp4.unpack
+        return unpack(take_experts(blocks, ids), take_experts(scales, ids), dtype)
     return jnp.swapaxes(take_experts(experts[f"{name}_kernel"], ids), -1, -2).astype(dtype)
 
 
@@ -112,13 +125,14 @@ def _project_gathered(x: jax.Array, experts: dict, name: str, ids: jax.Array, lo
     Rows of empty slots (id E) give zeros.
     """
     packed = f"{name}_blocks" in experts
+    matvec = mxfp4.matvec_tpu if packed and mxfp4.is_tpu(experts[f"{name}_blocks"]) else mxfp4.matvec
     rows = []
     for m in range(x.shape[0]):
         def pick(a, m=m):
             return jax.lax.dynamic_index_in_dim(a, ids[m], keepdims=False)
 
         if packed:
-            rows.append(mxfp4.matvec(x[m], pick(experts[f"{name}_blocks"]), pick(experts[f"{name}_scales"])))
+            rows.append(matvec(x[m], pick(experts[f"{name}_blocks"]), pick(experts[f"{name}_scales"])))
         else:
             rows.append(matmul(x[m:m + 1], pick(experts[f"{name}_kernel"]), "mi,io->mo")[0])
     y = jnp.stack(rows)
@@ -157,16 +171,7 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     d_out = experts[f"{name}_bias"].shape[-1]
     kernel = kernel if f"{name}_blocks" in experts else None
     bsz = _block_size(m, e, 8 if kernel is None else 16)
-    num_blocks = -(-m // bsz) + e  # static bound: sum_e ceil(g_e / bsz) <= ceil(M / bsz) + E - 1
-    padded = (group_sizes + bsz - 1) // bsz * bsz
-    padded_end = jnp.cumsum(padded)
-    dest = (padded_end - padded)[sorted_ids] + jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_ids]
-    dest = jnp.where(sorted_ids < e, dest, num_blocks * bsz)  # empty slots (id E) go to no block
-
-    # block row r holds sorted row src[r] (m: a padding row, zeros). A gather, not zeros + scatter: XLA:GPU
-    # fused every layer's zero [rows, d_in] buffers into one broadcast kept live for the whole program
-    # (52 of the 56 GB of temporaries of a 20b prefill of 32,768 tokens)
-    src = jnp.full((num_blocks * bsz,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    num_blocks, dest, src, block_expert = _block_plan(sorted_ids, group_sizes, bsz)
 
     def to_blocks(rows):
         return jnp.take(rows, src, axis=0, mode="fill", fill_value=0).reshape(num_blocks, bsz, d_in)
@@ -174,7 +179,6 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     lora = f"{name}_lora_a" in experts
     xb = to_blocks(x)
     xl = to_blocks(_lora_input(x, name, lora_dropout)) if lora else xb
-    block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
     prec = precision_for(x.dtype)
     if kernel is not None and not lora:
         # the bias added and the sum rounded to x's dtype inside the kernel: the same float32 sum and one
@@ -183,10 +187,11 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
         backend, interpret = kernel
         y = mxfp4_gmm.grouped_matmul(xb.reshape(num_blocks * bsz, d_in), experts[f"{name}_blocks"],
                                      experts[f"{name}_scales"], jnp.minimum(block_expert, e), bsz, backend, interpret,
-                                     experts[f"{name}_bias"], x.dtype)
+                                     m, experts[f"{name}_bias"], x.dtype)
         return jnp.take(y, dest, axis=0, mode="fill", fill_value=0)  # empty slots (dest past the end): zeros
     if kernel is not None:
-        y = _kernel_blocks(xb, xl, experts, name, jnp.minimum(block_expert, e), bsz, kernel, prec)
+        block_expert = jnp.minimum(block_expert, e)
+        y = _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec, m)
         y = jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
         return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
@@ -210,12 +215,55 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
 
-def _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec):
-    """Blocks xb [nb, bsz, in] (LoRA inputs xl) times their experts' packed weights -> float32 [nb*bsz, out]."""
+def _block_plan(sorted_ids: jax.Array, group_sizes: jax.Array, bsz: int):
+    """Rows sorted by expert (ids [M], E = an empty slot), group_sizes [E] -> (num_blocks, dest [M]: each
+    row's place in the blocks (num_blocks * bsz: none), src [num_blocks * bsz]: each block row's sorted
+    row (M: padding), block_expert [num_blocks] (E: a padding block)); every group padded to whole blocks."""
+    m, e = sorted_ids.shape[0], group_sizes.shape[0]
+    # static bound: at most c = min(E, M) groups are non-empty, so sum_e ceil(g_e / bsz) <= ceil(M / bsz) + c - 1
+    num_blocks = -(-m // bsz) + min(e, m)
+    padded = (group_sizes + bsz - 1) // bsz * bsz
+    padded_end = jnp.cumsum(padded)
+    dest = (padded_end - padded)[sorted_ids] + jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[sorted_ids]
+    dest = jnp.where(sorted_ids < e, dest, num_blocks * bsz)  # empty slots (id E) go to no block
+    # block row r holds sorted row src[r] (m: a padding row, zeros). A gather, not zeros + scatter: XLA:GPU
+    # fused every layer's zero [rows, d_in] buffers into one broadcast kept live for the whole program
+    # (52 of the 56 GB of temporaries of a 20b prefill of 32,768 tokens)
+    src = jnp.full((num_blocks * bsz,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+    block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
+    return num_blocks, dest, src, block_expert
+
+
+def _grouped_tpu_mlp(xs: jax.Array, experts: dict, sorted_ids: jax.Array, group_sizes: jax.Array,
+                     alpha: float, limit: float, interpret: bool) -> jax.Array:
+    """Rows xs [M, H] sorted by expert -> [M, H] (both projections, SwiGLU, biases) on the TPU kernel,
+    packed experts without LoRA: the rows stay in block order from gate_up through down
+    (:func:`mxfp4_gmm.gmm_bias`: bias added and rounded in the kernel), leaving it once at the end.
+    Padding rows carry SwiGLU(bias) through down and are dropped; real rows equal the two
+    :func:`_project_grouped` calls exactly. (Between the projections XLA:TPU held the float32 products,
+    their biased float32 copies and the gathered rows: 23.5 GB of temporaries for a 20b prefill of
+    32,768 tokens with the residual stream's adds.)"""
+    e = group_sizes.shape[0]
+    bsz = _block_size(xs.shape[0], e, 16)
+    num_blocks, dest, src, block_expert = _block_plan(sorted_ids, group_sizes, bsz)
+    block_expert = jnp.minimum(block_expert, e)
+    xb = jnp.take(xs, src, axis=0, mode="fill", fill_value=0)
+
+    def project(rows, name):
+        return mxfp4_gmm.gmm_bias(rows, experts[f"{name}_blocks"], experts[f"{name}_scales"], experts[f"{name}_bias"],
+                                  block_expert, bsz=bsz, interpret=interpret, rows=xs.shape[0])
+
+    y = project(swiglu(project(xb, "gate_up"), alpha, limit), "down")
+    return jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
+
+
+def _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec, rows=None):
+    """Blocks xb [nb, bsz, in] (LoRA inputs xl; ``rows`` real rows) times their experts' packed weights
+    -> float32 [nb*bsz, out]."""
     nb, _, d_in = xb.shape
     backend, interpret = kernel
     y = mxfp4_gmm.grouped_matmul(xb.reshape(nb * bsz, d_in), experts[f"{name}_blocks"], experts[f"{name}_scales"],
-                                 block_expert, bsz, backend, interpret)
+                                 block_expert, bsz, backend, interpret, rows)
     if f"{name}_lora_a" in experts:  # padding blocks (id E) take zero adapters
         a = take_experts(experts[f"{name}_lora_a"], block_expert).astype(xb.dtype)  # [nb, in, r]
         b = take_experts(experts[f"{name}_lora_b"], block_expert).astype(xb.dtype)  # [nb, r, out]
@@ -237,11 +285,15 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     kernel the default path is grouped from two tokens on (each selected expert read once, whatever the
     batch), and gather for a single token: its k experts are distinct, so each is read exactly once by
     its own fused matrix-vector product, with no padding blocks, planes or scatters around a kernel.
+    Experts in the TPU layout on the TPU kernel take the kernel for a single token too: XLA:TPU does not
+    fuse the words' decode into the product (it writes float32 planes of each expert), while the kernel
+    reads each selected expert once (padding blocks fetch nothing).
     """
     n, k = ids.shape
     use = kernel_choice(kernel) if "gate_up_blocks" in experts else None
+    tpu_kernel = use is not None and use[0] == mxfp4_gmm.TPU and mxfp4.is_tpu(experts["gate_up_blocks"])
     if path is None:
-        path = "gather" if n * k <= num_experts and (use is None or n == 1) else "grouped"
+        path = "gather" if n * k <= num_experts and (use is None or (n == 1 and not tpu_kernel)) else "grouped"
     flat = ids.reshape(-1)
     if path == "gather":
         xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
@@ -252,8 +304,12 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
         sorted_ids = flat[order]
         group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
         xs = x[order // k]
-        h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout, use), alpha, limit)
-        y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout, use)
+        if tpu_kernel and "gate_up_lora_a" not in experts and "down_lora_a" not in experts:
+            y_sorted = _grouped_tpu_mlp(xs, experts, sorted_ids, group_sizes, alpha, limit, use[1])
+        else:
+            h = swiglu(_project_grouped(xs, experts, "gate_up", sorted_ids, group_sizes, lora_dropout, use),
+                       alpha, limit)
+            y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout, use)
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y = jnp.take(y_sorted, inverse, axis=0)  # unsorted by a gather: no zero buffer per layer (see above)
     else:
@@ -315,6 +371,39 @@ class MoE(nnx.Module):
                 out[f"{name}_lora_b"] = adapter.b[...] * lo.scale
         return out
 
+    @property
+    def expert_layout(self) -> str | None:
+        """'checkpoint' or 'tpu' for packed experts (see the module docstring), None for dense ones."""
+        if self.expert_format != PACKED:
+            return None
+        return TPU_LAYOUT if mxfp4.is_tpu(self.gate_up_blocks) else CHECKPOINT_LAYOUT
+
+    def set_expert_layout(self, layout: str) -> None:
+        """Store the packed experts in ``layout`` (EXPERT_LAYOUTS), converting on the arrays' own devices
+        (placed again by the MoE's sharding layout, if any); abstract (``ShapeDtypeStruct``) parameters
+        are converted abstractly. Dense experts and a layout already held are left as they are."""
+        if layout not in EXPERT_LAYOUTS:
+            raise ValueError(f"expert layout must be one of {EXPERT_LAYOUTS}, got {layout!r}")
+        if self.expert_layout in (None, layout):
+            return
+        fn = mxfp4.to_tpu if layout == TPU_LAYOUT else mxfp4.from_tpu
+        for name in ("gate_up", "down"):
+            bvar, svar = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
+            out_ax, in_ax = svar.get_metadata()["out_sharding"][1:] if layout == TPU_LAYOUT else \
+                svar.get_metadata()["out_sharding"][:0:-1]
+            values = (bvar.get_value(), svar.get_value())
+            if any(isinstance(v, jax.ShapeDtypeStruct) for v in values):
+                blocks, scales = jax.eval_shape(fn, *values)
+            else:
+                blocks, scales = jax.jit(fn)(*values)
+            baxes = ("experts", in_ax, out_ax) if layout == TPU_LAYOUT else ("experts", out_ax, in_ax, None)
+            saxes = ("experts", in_ax, out_ax) if layout == TPU_LAYOUT else ("experts", out_ax, in_ax)
+            if self.layout is not None and not isinstance(blocks, jax.ShapeDtypeStruct):
+                blocks = jax.device_put(blocks, self.layout.sharding(baxes, blocks.shape))
+                scales = jax.device_put(scales, self.layout.sharding(saxes, scales.shape))
+            setattr(self, f"{name}_blocks", param(blocks, baxes))
+            setattr(self, f"{name}_scales", param(scales, saxes))
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, H] -> [B, T, H]."""
         b, t, h = x.shape
@@ -328,3 +417,15 @@ class MoE(nnx.Module):
         else:
             y = self.layout.experts_forward(*args, batch=b, lora_dropout=lora_dropout)
         return y.reshape(b, t, h)
+
+
+def set_expert_layout(model: nnx.Module, layout: str) -> nnx.Module:
+    """:meth:`MoE.set_expert_layout` on every MoE layer of ``model`` (in place); returns the model."""
+    for node in [n for _, n in nnx.iter_graph(model) if isinstance(n, MoE)]:
+        node.set_expert_layout(layout)
+    return model
+
+
+def layout_for(platform: str) -> str:
+    """The expert layout for parameters living on ``platform`` ('tpu' on TPU, else the checkpoint's)."""
+    return TPU_LAYOUT if gptoss_platform.normalize(platform) == "tpu" else CHECKPOINT_LAYOUT
