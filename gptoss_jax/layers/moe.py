@@ -145,7 +145,8 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
 
     A grouped matmul that touches each expert only for its own rows: every expert's group is padded
     to whole blocks, and a scan runs one [block, in] x [in, out] product per block with that
-    block's expert weights (decoded from MXFP4 per block, plus that expert's LoRA adapters).
+    block's expert weights (decoded from MXFP4 once per expert and call, see :func:`_scan_blocks`; plus
+    that expert's LoRA adapters).
     Blocks past the last group are skipped. (jax.lax.ragged_dot lowers to a dense masked product
     over all experts on CPU, which would compute every expert for every row.) ``kernel`` (from
     :func:`kernel_choice`, packed weights only): the blocks' products run in one
@@ -171,20 +172,39 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
         return jnp.take(rows, src, axis=0, mode="fill", fill_value=0).reshape(num_blocks, bsz, d_in)
 
     lora = f"{name}_lora_a" in experts
-    xb = to_blocks(x)
-    xl = to_blocks(_lora_input(x, name, lora_dropout)) if lora else xb
     block_expert = jnp.sum(padded_end[None, :] <= (jnp.arange(num_blocks) * bsz)[:, None], axis=1)
     prec = precision_for(x.dtype)
     if kernel is not None:
+        xb = to_blocks(x)
+        xl = to_blocks(_lora_input(x, name, lora_dropout)) if lora else xb
         y = _kernel_blocks(xb, xl, experts, name, jnp.minimum(block_expert, e), bsz, kernel, prec)
         y = jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
         return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
+    y = _scan_blocks(x, experts, name, to_blocks, jnp.minimum(block_expert, e), bsz, lora_dropout, prec)
+    y = jnp.take(y.reshape(num_blocks * bsz, d_out), dest, axis=0, mode="fill", fill_value=0)
+    return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
 
-    def block(_, args):
+
+def _scan_blocks(x, experts, name, to_blocks, block_expert, bsz, lora_dropout, prec):
+    """The block-grouped scan: rows x [M, in] (``to_blocks`` -> [nb, bsz, in]) times each block's expert
+    (block_expert [nb], ascending; E = a padding block, zeros) -> float32 [nb, bsz, out].
+
+    Blocks are sorted by expert, so the scan carries the last expert's weight [out, in] and decodes (or
+    gathers) an expert only at its first block: once per call, however many blocks its rows fill.
+    """
+    e, d_out = experts[f"{name}_bias"].shape
+    lora = f"{name}_lora_a" in experts
+    xb = to_blocks(x)
+    xl = to_blocks(_lora_input(x, name, lora_dropout)) if lora else xb
+
+    def block(carry, args):
         rows, lora_rows, eid = args
+        last, w_last = carry
+        # a new expert: decode it; the same one again, or a padding block: keep the carried weight
+        w = jax.lax.cond((eid == last) | (eid >= e), lambda: w_last,
+                         lambda: _expert_weight(experts, name, jnp.minimum(eid, e - 1), x.dtype))
 
         def compute(_):
-            w = _expert_weight(experts, name, eid, x.dtype)  # [out, in] of one expert
             y = jnp.einsum("li,oi->lo", rows, w, precision=prec, preferred_element_type=jnp.float32)
             if lora:
                 a = experts[f"{name}_lora_a"][eid].astype(x.dtype)
@@ -193,11 +213,12 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
                 y = y + jnp.einsum("lr,ro->lo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
             return y
 
-        return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
+        y = jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
+        return (jnp.where(eid < e, eid, last), w), y
 
-    _, y = jax.lax.scan(block, None, (xb, xl, jnp.minimum(block_expert, e)))
-    y = jnp.take(y.reshape(num_blocks * bsz, d_out), dest, axis=0, mode="fill", fill_value=0)
-    return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
+    w0 = jnp.zeros((d_out, x.shape[1]), x.dtype)
+    _, y = jax.lax.scan(block, (jnp.int32(-1), w0), (xb, xl, block_expert))
+    return y
 
 
 def _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec):
