@@ -141,3 +141,30 @@ def test_grouped_and_gather_paths_agree_on_many_tokens(tiny_model):
     a = _run(tiny_model, x, ids, weights, experts, "gather")
     b = _run(tiny_model, x, ids, weights, experts, "grouped")
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_grouped_scan_reuses_each_expert_across_its_blocks():
+    """The block-grouped scan decodes an expert at its first block and carries it through the next ones:
+    values and gradients (x, LoRA factors) equal the gather path's (each row's own expert, no blocks)
+    with an expert spanning several blocks, an empty expert, empty slots (id E) and padding blocks."""
+    from tests.test_mxfp4_gmm import _moe_experts
+
+    rng = np.random.default_rng(3)
+    experts = _moe_experts(rng, rank=4)  # 4 experts, H 64, I 32
+    # 60 tokens x k 2 = 120 rows (blocks of 32): expert 1 takes 60 rows (2 blocks), expert 0 none
+    ids = np.stack([np.ones(60, np.int64), rng.choice([2, 3, 4], 60)], axis=1)
+    ids = jnp.asarray(rng.permuted(ids, axis=1), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((60, 64)) * 0.05, jnp.float32)
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal(ids.shape), jnp.float32), -1)
+    lora = {k: v for k, v in experts.items() if "_lora_" in k}
+
+    def loss(x, lora, path):
+        y = experts_forward(x, ids, weights, {**experts, **lora}, 4, 1.702, 7.0, path, kernel="off")
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), y
+
+    (_, y_ref), g_ref = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, lora, "gather")
+    (_, y), g = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, lora, "grouped")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=0, atol=1e-5 * float(jnp.abs(y_ref).max()))
+    for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+    assert float(jnp.abs(y_ref).max()) > 0

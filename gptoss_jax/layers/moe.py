@@ -171,7 +171,8 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
 
     A grouped matmul that touches each expert only for its own rows: every expert's group is padded
     to whole blocks, and a scan runs one [block, in] x [in, out] product per block with that
-    block's expert weights (decoded from MXFP4 per block, plus that expert's LoRA adapters).
+    block's expert weights (decoded from MXFP4 once per expert and call, see :func:`_scan_blocks`; plus
+    that expert's LoRA adapters).
     Blocks past the last group are skipped. (jax.lax.ragged_dot lowers to a dense masked product
     over all experts on CPU, which would compute every expert for every row.) ``kernel`` (from
     :func:`kernel_choice`, packed weights only): the blocks' products run in one
@@ -206,25 +207,44 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
         y = _kernel_blocks(xb, xl, experts, name, block_expert, bsz, kernel, prec, m)
         y = jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
         return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
-
-    def block(_, args):
-        rows, lora_rows, eid = args
-
-        def compute(_):
-            w = _expert_weight(experts, name, eid, x.dtype)  # [out, in] of one expert
-            y = jnp.einsum("li,oi->lo", rows, w, precision=prec, preferred_element_type=jnp.float32)
-            if lora:
-                a = experts[f"{name}_lora_a"][eid].astype(x.dtype)
-                b = experts[f"{name}_lora_b"][eid].astype(x.dtype)
-                h = jnp.einsum("li,ir->lr", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
-                y = y + jnp.einsum("lr,ro->lo", h.astype(x.dtype), b, precision=prec, preferred_element_type=jnp.float32)
-            return y
-
-        return None, jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
-
-    _, y = jax.lax.scan(block, None, (xb, xl, jnp.minimum(block_expert, e)))
+    y = _scan_blocks(xb, xl, experts, name, jnp.minimum(block_expert, e), prec)
     y = jnp.take(y.reshape(num_blocks * bsz, d_out), dest, axis=0, mode="fill", fill_value=0)
     return (y + take_experts(experts[f"{name}_bias"], sorted_ids).astype(jnp.float32)).astype(x.dtype)
+
+
+def _scan_blocks(xb, xl, experts, name, block_expert, prec):
+    """The block-grouped scan: row blocks xb [nb, bsz, in] (LoRA inputs xl) times each block's expert
+    (block_expert [nb], ascending; E = a padding block, zeros) -> float32 [nb, bsz, out].
+
+    Blocks are sorted by expert, so the scan carries the last expert's weight [out, in] and decodes (or
+    gathers) an expert only at its first block: once per call, however many blocks its rows fill.
+    """
+    e, d_out = experts[f"{name}_bias"].shape
+    lora = f"{name}_lora_a" in experts
+    bsz, dtype = xb.shape[1], xb.dtype
+
+    def block(carry, args):
+        rows, lora_rows, eid = args
+        last, w_last = carry
+        # a new expert: decode it; the same one again, or a padding block: keep the carried weight
+        w = jax.lax.cond((eid == last) | (eid >= e), lambda: w_last,
+                         lambda: _expert_weight(experts, name, jnp.minimum(eid, e - 1), dtype))
+
+        def compute(_):
+            y = jnp.einsum("li,oi->lo", rows, w, precision=prec, preferred_element_type=jnp.float32)
+            if lora:
+                a = experts[f"{name}_lora_a"][eid].astype(dtype)
+                b = experts[f"{name}_lora_b"][eid].astype(dtype)
+                h = jnp.einsum("li,ir->lr", lora_rows, a, precision=prec, preferred_element_type=jnp.float32)
+                y = y + jnp.einsum("lr,ro->lo", h.astype(dtype), b, precision=prec, preferred_element_type=jnp.float32)
+            return y
+
+        y = jax.lax.cond(eid < e, compute, lambda _: jnp.zeros((bsz, d_out), jnp.float32), None)
+        return (jnp.where(eid < e, eid, last), w), y
+
+    w0 = jnp.zeros((d_out, xb.shape[2]), dtype)
+    _, y = jax.lax.scan(block, (jnp.int32(-1), w0), (xb, xl, block_expert))
+    return y
 
 
 def _block_plan(sorted_ids: jax.Array, group_sizes: jax.Array, bsz: int):
