@@ -130,6 +130,27 @@ def test_top_k_path_keeps_what_the_bisection_keeps():
         np.testing.assert_array_equal(kept[b], expected)
 
 
+def test_radix_search_keeps_what_bisection_keeps():
+    """filter_logits_exact with 4- and 8-bit digits (8 / 4 passes per threshold) finds the same k-th
+    value and nucleus cut as bit-by-bit bisection (32 passes): the same kept set, row by row, including
+    ties, flat rows, top_k above the cap and tiny or absent nuclei."""
+    from gptoss_jax.decode.sampling import filter_logits_exact
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, (64, 3000)).astype(np.float32)
+    logits[::5] = rng.normal(0, 0.05, (13, 3000))  # flat rows
+    logits[3, :40] = logits[3, 0]  # ties at the k-th value
+    logits[4, 100:] = -np.inf  # masked tokens (constrained decoding)
+    top_k = rng.choice([0, 1, 7, 64, 65, 500, 2999, 3000], 64).astype(np.int32)
+    top_p = rng.choice([1.0, 0.99, 0.9, 0.5, 1e-6], 64).astype(np.float32)
+    exact = jax.jit(filter_logits_exact, static_argnums=3)
+    bisected = np.asarray(exact(logits, top_k, top_p, 1))
+    for bits in (4, 8):
+        np.testing.assert_array_equal(np.asarray(exact(logits, top_k, top_p, bits)), bisected)
+    with pytest.raises(ValueError, match="digit_bits"):
+        filter_logits_exact(logits, top_k, top_p, 3)
+
+
 def test_logit_bias_and_penalties_in_the_jitted_sampler_compile_once():
     """logit_bias and presence/frequency penalties are step inputs: bias -100 bans the argmax, +100
     forces a token, penalties push seen tokens down, and new values never recompile the sampler."""

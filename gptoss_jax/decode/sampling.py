@@ -6,8 +6,8 @@ Order (as transformers' warpers): logits + bias -> / temperature -> top-k -> top
 top-p keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (after top-k);
 ties at either boundary are kept. Neither sorts the vocabulary: ``lax.top_k`` with a static cap
 (:data:`TOP_K_CAP`) gives the k-th value and the nucleus whenever they lie among the CAP largest (top_k
-<= CAP, or a nucleus of at most CAP tokens); rows where they do not fall back to an exact 32-step
-bisection over the bit patterns of the values (each step one pass over [B, V]). Both give the same
+<= CAP, or a nucleus of at most CAP tokens); rows where they do not fall back to an exact radix search
+over the bit patterns of the values (8 steps of 4-bit digits per threshold, each one pass over [B, V]). Both give the same
 kept set, so the same token for the same key.
 
 The bias (``logit_bias`` and the penalties, :class:`SlotBias`) is a per-slot step input, like every
@@ -212,7 +212,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: in
     nucleus of what is left (``top_p`` [B], 1 = off). logits float32 [B, V].
 
     From ``lax.top_k(logits, cap)`` where that decides (top_k <= cap, or top_k 0 and a nucleus among
-    the cap largest); the bisection (:func:`filter_logits_exact`) runs only when some row needs it."""
+    the cap largest); the radix search (:func:`filter_logits_exact`) runs only when some row needs it."""
     v = logits.shape[-1]
     cap = min(cap, v)
     vals, idx = jax.lax.top_k(logits, cap)  # [B, cap], largest first
@@ -231,16 +231,18 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, cap: in
                         lambda: jnp.where(fast[:, None], out, filter_logits_exact(logits, top_k, top_p)))
 
 
-def filter_logits_exact(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """:func:`filter_logits` by bisection only: 64 passes over [B, V], whatever top_k and top_p."""
+def filter_logits_exact(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, digit_bits: int = 4) -> jax.Array:
+    """:func:`filter_logits` by radix search only: 2 x 32 / ``digit_bits`` passes over [B, V] (16 with
+    the default 4-bit digits; ``digit_bits=1`` is plain bisection), whatever top_k and top_p."""
     v = logits.shape[-1]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     keys = _sortable(logits)
-    kth = _largest_threshold(keys, lambda keep: jnp.sum(keep, axis=-1) >= k)
+    kth = _largest_threshold(keys, lambda keep: jnp.sum(keep, axis=-1) >= k[:, None], digit_bits)
     logits = jnp.where(keys >= kth[:, None], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     pkeys = _sortable(probs)
-    cut = _largest_threshold(pkeys, lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= top_p)
+    cut = _largest_threshold(
+        pkeys, lambda keep: jnp.sum(jnp.where(keep, probs[:, None, :], 0.0), axis=-1) >= top_p[:, None], digit_bits)
     cut = jnp.where(top_p < 1, cut, 0)
     return jnp.where(pkeys >= cut[:, None], logits, -jnp.inf)
 
@@ -251,11 +253,19 @@ def _sortable(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _largest_threshold(keys: jax.Array, ok) -> jax.Array:
-    """Per row, the largest uint32 ``t`` with ``ok(keys >= t)`` ([B, V] bool -> [B] bool, true at
-    t = 0 and monotone), built from the top bit down: 32 passes over ``keys`` [B, V]."""
-    def step(i, t):
-        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        return jnp.where(ok(keys >= cand[:, None]), cand, t)
+def _largest_threshold(keys: jax.Array, ok, digit_bits: int = 4) -> jax.Array:
+    """Per row, the largest uint32 ``t`` with ``ok(keys >= t)`` (``ok``: [B, J, V] bool -> [B, J] bool,
+    one column per candidate; true at t = 0 and monotone), built one ``digit_bits``-bit digit at a time
+    from the top: each of the 32 / digit_bits passes over ``keys`` [B, V] tries all 2**digit_bits - 1
+    nonzero digits at once and keeps the largest that is ok (the same ``t`` as bit-by-bit bisection)."""
+    if digit_bits not in (1, 2, 4, 8):
+        raise ValueError(f"digit_bits must be 1, 2, 4 or 8, got {digit_bits}")
+    digits = jnp.arange(1, 1 << digit_bits, dtype=jnp.uint32)  # [J]
 
-    return jax.lax.fori_loop(0, 32, step, jnp.zeros(keys.shape[:1], jnp.uint32))
+    def step(i, t):
+        shift = (32 - digit_bits * (i + 1)).astype(jnp.uint32)
+        cand = t[:, None] | (digits[None, :] << shift)  # [B, J], ascending
+        good = ok(keys[:, None, :] >= cand[:, :, None])  # [B, J]: a prefix of trues (ok is monotone)
+        return t | (jnp.sum(good, axis=1).astype(jnp.uint32) << shift)
+
+    return jax.lax.fori_loop(0, 32 // digit_bits, step, jnp.zeros(keys.shape[:1], jnp.uint32))
