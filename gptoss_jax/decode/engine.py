@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from gptoss_jax.decode.prefix_cache import PrefixCache, block_hashes
-from gptoss_jax.decode.runner import KV_BUCKET_MIN, Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes
+from gptoss_jax.decode.runner import (KV_BUCKET_MIN, Chunk, Runner, plan_chunks, prefill_rows, prefill_shapes,
+                                      require_positive)
 from gptoss_jax.decode.sampling import SamplingParams, SlotBias, SlotSampling
 from gptoss_jax.model import GptOss
 
@@ -196,9 +197,7 @@ class Engine:
 
     def __init__(self, model: GptOss, *, max_batch: int = 8, context: int = 4096, prefill_chunk: int = 256,
                  prefix_cache_blocks: int = 0, kv_bucket_min: int = KV_BUCKET_MIN):
-        for name, value in (("max_batch", max_batch), ("context", context), ("prefill_chunk", prefill_chunk)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Engine {name} must be a positive integer, got {value!r}")
+        require_positive("Engine", max_batch=max_batch, context=context, prefill_chunk=prefill_chunk)
         cfg = model.config
         if context > cfg.max_position_embeddings:
             raise ValueError(f"Engine context {context} exceeds the model's {cfg.max_position_embeddings} positions")

@@ -111,12 +111,18 @@ def plan_chunks(length: int, prefill_chunk: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def require_positive(what: str, **values) -> None:
+    """Raise ``ValueError("<what> <name> must be a positive integer, got <value>")`` for the first of
+    ``values`` that is not an int >= 1 (bools refused)."""
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{what} {name} must be a positive integer, got {value!r}")
+
+
 def decode_buckets(context: int, smallest: int = KV_BUCKET_MIN) -> tuple[int, ...]:
     """Lengths (cache slots read by full-attention layers) decode steps are compiled for: powers of two
     from ``smallest`` below ``context``, and ``context`` (only it when ``smallest >= context``)."""
-    for name, value in (("context", context), ("smallest", smallest)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"decode buckets: {name} must be a positive integer, got {value!r}")
+    require_positive("decode buckets:", context=context, smallest=smallest)
     sizes, n = [], 1 << (smallest - 1).bit_length()  # smallest rounded up to a power of two
     while n < context:
         sizes.append(n)
@@ -265,11 +271,12 @@ class Runner:
         active = np.asarray(active, bool)
         if active.shape != (self.max_batch,):
             raise ValueError(f"active must be bool [{self.max_batch}], got shape {active.shape}")
-        kv_len = self.bucket(active) if kv_len is None else kv_len
+        fits = self.bucket(active)
+        kv_len = fits if kv_len is None else kv_len
         if kv_len not in self.buckets:
             raise ValueError(f"kv_len {kv_len} is not a decode bucket {self.buckets}")
-        if kv_len < self.bucket(active):
-            raise ValueError(f"kv_len {kv_len} is shorter than the active slots' {self.bucket(active)}")
+        if kv_len < fits:
+            raise ValueError(f"kv_len {kv_len} is shorter than the active slots' {fits}")
         if kv_len not in self.compiled_buckets:
             log.info("decode: length bucket %d of %s (compiled on first use)", kv_len, self.buckets)
             self.compiled_buckets.add(kv_len)
