@@ -140,7 +140,7 @@ def main() -> int:
         for worker in ("ours", "peft"):
             cmd = [sys.executable, __file__, "--worker", worker, "--checkpoint", ckpt, "--batch", str(args.batch),
                    "--seq", str(args.seq), "--steps", str(args.steps), "--dtype", args.dtype]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1

@@ -1,5 +1,5 @@
-"""The MXFP4 grouped-matmul kernels (Mosaic TPU and Triton GPU, run in Pallas interpret mode) against the
-exact path: products of each block with its expert's decoded weights, and ``experts_forward`` through
+"""The MXFP4 grouped-matmul kernels (Mosaic TPU and Triton GPU, run in Pallas interpret mode, and the CPU
+loops) against the exact path: products of each block with its expert's decoded weights, and ``experts_forward`` through
 the kernel against the block-grouped scan (values and gradients, LoRA on).
 
 Bound (float32): a decoded weight is exact; each product x*w rounds once (relative 2^-24) and a
@@ -101,17 +101,33 @@ def test_tpu_layout_experts_equal_the_checkpoint_layout(path, kernel):
         assert float(jnp.abs(want).max()) > 0
 
 
+@pytest.mark.parametrize("block_expert", [[3, 3, 3], [1, 1, 1, 3], [0, 1, 2]])
+def test_cpu_kernel_visits_every_real_block_and_no_padding(block_expert):
+    """The CPU kernel's loops (experts that own blocks, then their blocks): no real block at all, one expert
+    over every real block, and one block per expert, against the exact products (padding blocks zero)."""
+    rng = np.random.default_rng(6)
+    blocks, scales = _weights(rng)
+    w = mxfp4.unpack_np(blocks, scales, np.float64)
+    be = jnp.asarray(block_expert, jnp.int32)
+    for fn, width, transposed in ((mxfp4_gmm.gmm, K, False), (mxfp4_gmm.gmm_t, N, True)):
+        a = jnp.asarray(rng.standard_normal((be.shape[0] * BSZ, width)), jnp.float32)
+        ours = np.asarray(fn(a, blocks, scales, be, bsz=BSZ, backend=mxfp4_gmm.CPU))
+        exact, scale = _exact(np.asarray(a), w, be, transposed)
+        assert np.all(np.abs(ours - exact) <= (width + 1) * U * scale)
+
+
 def test_kernel_rejects_mismatched_rows():
     blocks, scales = _weights(np.random.default_rng(0))
     with pytest.raises(ValueError, match="blocks x 16"):
         mxfp4_gmm.gmm(jnp.zeros((3 * BSZ, K)), blocks, scales, jnp.zeros(2, jnp.int32), bsz=BSZ, backend="tpu")
     with pytest.raises(ValueError, match="unknown MXFP4 kernel backend"):
-        mxfp4_gmm.gmm(jnp.zeros((2 * BSZ, K)), blocks, scales, jnp.zeros(2, jnp.int32), bsz=BSZ, backend="cpu")
+        mxfp4_gmm.gmm(jnp.zeros((2 * BSZ, K)), blocks, scales, jnp.zeros(2, jnp.int32), bsz=BSZ, backend="bogus")
 
 
 def test_kernel_choice(monkeypatch):
     monkeypatch.delenv("GPTOSS_MOE_KERNEL", raising=False)
-    assert kernel_choice(platform="cpu") is None
+    assert kernel_choice(platform="cpu") == ("cpu", False)
+    assert kernel_choice("off", platform="cpu") is None
     assert kernel_choice(platform="tpu") == ("tpu", False)
     assert kernel_choice(platform="cuda") == ("gpu", False)
     with gptoss_platform.lowering_for("tpu"):  # an entry point tracing for a TPU
@@ -143,7 +159,7 @@ ROUTINGS = {  # ids [N, k=2] over 4 experts; 4 = an empty slot (expert held by a
 
 
 @pytest.mark.parametrize("mode,routing", [
-    ("interpret-gpu", "uneven, expert 0 empty"),
+    ("interpret-gpu", "uneven, expert 0 empty"), *(("cpu", r) for r in ROUTINGS),
     *(pytest.param(m, r, marks=pytest.mark.slow) for m in ("interpret", "interpret-gpu") for r in ROUTINGS
       if (m, r) != ("interpret-gpu", "uneven, expert 0 empty"))])
 def test_experts_forward_through_the_kernel_matches_the_scan(mode, routing):

@@ -1,4 +1,5 @@
-"""Grouped matmul on packed MXFP4 experts, decoded inside the kernel (Pallas: Mosaic TPU and Triton GPU).
+"""Grouped matmul on packed MXFP4 experts, decoded inside the kernel (Pallas: Mosaic TPU and Triton GPU;
+plain-JAX loops on CPU).
 
 Rows come in blocks of ``bsz``; block ``b`` belongs to expert ``block_expert[b]`` (an id >= E marks a
 padding block: zero output, nothing read). Weights stay packed in HBM: ``blocks`` u8 [E, N, K/32, 16],
@@ -28,7 +29,9 @@ float32 (or bf16-in, float32-accumulate) matmul, so results match the exact path
 TPU grid (N tiles, row blocks) with the block axis innermost: consecutive blocks of one expert keep
 the same weight block index, so Mosaic's pipeline does not fetch it again: each selected expert's
 packed bytes are read once per call. GPU grid (row blocks, N tiles): each program streams its
-expert's N tile group by group (16 bytes = 32 values per step).
+expert's N tile group by group (16 bytes = 32 values per step). CPU: a loop over the experts that own
+blocks decodes each once per call into its two nibble planes (the same plane split of the activations),
+and an inner loop over that expert's blocks runs their products; no padding block is computed.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ from gptoss_jax import mxfp4
 
 TPU = "tpu"
 GPU = "gpu"
-BACKENDS = (TPU, GPU)
+CPU = "cpu"
+BACKENDS = (TPU, GPU, CPU)
 
 
 def _e8m0(s: jax.Array) -> jax.Array:
@@ -280,6 +284,58 @@ def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
     return out if kind == "fwd" else _unplanes(out.reshape(2, m, g * 16))
 
 
+# ---------------------------------------------------------------- CPU (plain JAX loops)
+
+def _cpu_planes(blocks: jax.Array, scales: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """One expert's u8 blocks [N, G, 16] and scales [N, G] -> its (low, high) nibble planes [N, G*16] in
+    dtype: code j of each byte times its block's scale (two separate fusions: XLA:CPU emits a fused
+    interleave or concatenation element by element, several times slower than each plane alone)."""
+    n, g, _ = blocks.shape
+    byte = blocks.astype(jnp.int32)
+    sc = _e8m0(scales.astype(jnp.int32))[..., None]
+    return tuple((mxfp4.e2m1_values(_codes(byte, j)) * sc).astype(dtype).reshape(n, g * 16) for j in range(2))
+
+
+def _cpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None,
+              out_dtype=jnp.float32):
+    """The grouped product as two nested loops: over the experts that own blocks (in block order), each
+    decoded once into its two nibble planes, and over that expert's blocks, one [bsz, K/2] x [K/2, N] product
+    per plane written in place. Padding blocks are never visited (zeros); empty experts are never decoded."""
+    del interpret, rows
+    e, n, g, _ = blocks.shape
+    nb = block_expert.shape[0]
+    be = block_expert.astype(jnp.int32)
+    real = be < e
+    first = real & jnp.concatenate([jnp.ones((1,), bool), be[1:] != be[:-1]])  # each expert's first block
+    starts = jnp.nonzero(first, size=min(e, nb), fill_value=nb)[0].astype(jnp.int32)
+    ends = jnp.searchsorted(be, be[jnp.minimum(starts, nb - 1)], side="right").astype(jnp.int32)
+    count = jnp.sum(first).astype(jnp.int32)
+    if kind == "fwd":
+        planes = _planes(a.astype(dtype), 2).reshape(2, nb, bsz, g * 16)
+        out = jnp.zeros((nb, bsz, n), out_dtype)
+    else:
+        dy = a.astype(dtype).reshape(nb, bsz, n)
+        out = jnp.zeros((2, nb, bsz, g * 16), jnp.float32)
+
+    def expert(i, out):
+        eid = be[starts[i]]
+        lo, hi = _cpu_planes(blocks[eid], scales[eid], dtype)
+
+        def block(b, out):
+            if kind == "fwd":
+                y = _dot(planes[0, b], lo, ((1,), (1,)), dtype) + _dot(planes[1, b], hi, ((1,), (1,)), dtype)
+                if bias is not None:
+                    y = y + bias[eid].astype(jnp.float32)[None, :]
+                return jax.lax.dynamic_update_index_in_dim(out, y.astype(out_dtype), b, 0)
+            dx = jnp.stack([_dot(dy[b], lo, ((1,), (0,)), dtype), _dot(dy[b], hi, ((1,), (0,)), dtype)])
+            return jax.lax.dynamic_update_index_in_dim(out, dx, b, 1)
+
+        return jax.lax.fori_loop(starts[i], ends[i], block, out)
+
+    out = jax.lax.fori_loop(0, count, expert, out)
+    return out.reshape(nb * bsz, n) if kind == "fwd" else _unplanes(out.reshape(2, nb * bsz, g * 16))
+
+
 # ---------------------------------------------------------------- entry points
 
 def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
@@ -306,15 +362,16 @@ def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: b
     e, n = scales.shape[0], mxfp4.dims(blocks.shape, scales.shape)[0]
     if bias is not None and bias.shape != (e, n):
         raise ValueError(f"MXFP4 grouped matmul: bias {bias.shape} must be [{e}, {n}]")
-    call = _tpu_call if backend == TPU else _gpu_call
-    return call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, out_dtype)
+    return _CALLS[backend]("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, out_dtype)
 
 
 def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
     """dy [nb*bsz, N] -> float32 [nb*bsz, K]; dy @ W_e per block (the transposed product, for dx)."""
     _check(dy, blocks, scales, block_expert, bsz, backend, True)
-    call = _tpu_call if backend == TPU else _gpu_call
-    return call("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
+    return _CALLS[backend]("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
+
+
+_CALLS = {TPU: _tpu_call, GPU: _gpu_call, CPU: _cpu_call}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 9))

@@ -17,9 +17,11 @@ Packed experts on GPU / TPU run the grouped path as one Pallas kernel per projec
 (:mod:`gptoss_jax.kernels.mxfp4_gmm`: MXFP4 decoded inside the kernel, each selected expert's bytes read
 once per call, also for decode from two tokens on, so the batch's rows share their experts' reads; a
 single token takes the gather path, except for experts in the TPU layout on the TPU kernel, where both
-projections run in block order with the biases added in the kernel); elsewhere the
-block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` overrides it
-(``off``, ``tpu``, ``gpu``, ``interpret`` = the TPU kernel in Pallas interpret mode, ``interpret-gpu``).
+projections run in block order with the biases added in the kernel); on CPU the grouped path runs the
+kernel's plain-JAX loops (each used expert decoded once per call, then its blocks' products; few tokens
+keep the gather path there); dense experts, and ``off``, the block-grouped scan. :func:`kernel_choice` says
+which; ``GPTOSS_MOE_KERNEL`` overrides it (``off``, ``tpu``, ``gpu``, ``cpu``, ``interpret`` = the TPU kernel
+in Pallas interpret mode, ``interpret-gpu``).
 
 Packed experts have two storage layouts (``MoE.expert_layout``; the code dispatches on the blocks'
 dtype): ``checkpoint`` (u8 blocks as above) and ``tpu`` (:func:`gptoss_jax.mxfp4.to_tpu`: u32 words
@@ -51,7 +53,7 @@ PACKED = "mxfp4"
 DENSE = "dense"
 EXPERT_FORMATS = (PACKED, DENSE)
 KERNEL_ENV = "GPTOSS_MOE_KERNEL"
-KERNEL_MODES = ("auto", "off", mxfp4_gmm.TPU, mxfp4_gmm.GPU, "interpret", "interpret-gpu")
+KERNEL_MODES = ("auto", "off", mxfp4_gmm.TPU, mxfp4_gmm.GPU, mxfp4_gmm.CPU, "interpret", "interpret-gpu")
 CHECKPOINT_LAYOUT = "checkpoint"
 TPU_LAYOUT = "tpu"
 EXPERT_LAYOUTS = (CHECKPOINT_LAYOUT, TPU_LAYOUT)
@@ -62,15 +64,15 @@ def kernel_choice(mode: str | None = None, platform: str | None = None) -> tuple
 
     ``mode``: one of KERNEL_MODES (default: $GPTOSS_MOE_KERNEL, else 'auto'); 'auto' takes the kernel of
     ``platform`` (where the data lives: default :func:`gptoss_jax.platform.current`, set by the entry point
-    that traces for a platform, else ``jax.default_backend()``): Mosaic on 'tpu', Triton on 'gpu', none
-    elsewhere.
+    that traces for a platform, else ``jax.default_backend()``): Mosaic on 'tpu', Triton on 'gpu', the
+    CPU loops elsewhere.
     """
     mode = mode or os.environ.get(KERNEL_ENV) or "auto"
     if mode not in KERNEL_MODES:
         raise ValueError(f"{KERNEL_ENV}={mode!r}: choose one of {KERNEL_MODES}")
     if mode == "auto":
         platform = gptoss_platform.normalize(platform or gptoss_platform.current() or jax.default_backend())
-        mode = {"tpu": mxfp4_gmm.TPU, "gpu": mxfp4_gmm.GPU}.get(platform, "off")
+        mode = {"tpu": mxfp4_gmm.TPU, "gpu": mxfp4_gmm.GPU}.get(platform, mxfp4_gmm.CPU)
     if mode == "off":
         return None
     if mode.startswith("interpret"):
@@ -165,6 +167,13 @@ def _block_size(rows: int, num_experts: int, smallest: int = 8) -> int:
     return int(min(256, max(smallest, 1 << (per_expert - 1).bit_length())))
 
 
+def _cpu_block_size(rows: int, num_experts: int) -> int:
+    """Rows per block of the CPU kernel: about a quarter of rows/E, a power of two in [16, 64]. Its loop
+    visits only real blocks, so smaller blocks cut the padding rows it multiplies (up to ~1.5x the real
+    rows with blocks of rows/E); below 16 rows per product the per-block cost dominates."""
+    return min(64, _block_size(-(-rows // 4), num_experts, 16))
+
+
 def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Array,
                      group_sizes: jax.Array, lora_dropout=None, kernel=None) -> jax.Array:
     """Rows of x [M, in] sorted by expert; group_sizes [E] -> [M, out] (+ LoRA, + bias).
@@ -183,7 +192,10 @@ def _project_grouped(x: jax.Array, experts: dict, name: str, sorted_ids: jax.Arr
     e = group_sizes.shape[0]
     d_out = experts[f"{name}_bias"].shape[-1]
     kernel = kernel if f"{name}_blocks" in experts else None
-    bsz = _block_size(m, e, 8 if kernel is None else 16)
+    if kernel is None:
+        bsz = _block_size(m, e)
+    else:
+        bsz = _cpu_block_size(m, e) if kernel[0] == mxfp4_gmm.CPU else _block_size(m, e, 16)
     num_blocks, dest, src, block_expert = _block_plan(sorted_ids, group_sizes, bsz)
 
     def to_blocks(rows):
@@ -325,7 +337,8 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
     use = kernel_choice(kernel) if "gate_up_blocks" in experts else None
     tpu_kernel = use is not None and use[0] == mxfp4_gmm.TPU and mxfp4.is_tpu(experts["gate_up_blocks"])
     if path is None:
-        path = "gather" if n * k <= num_experts and (use is None or (n == 1 and not tpu_kernel)) else "grouped"
+        few = use is None or use[0] == mxfp4_gmm.CPU or (n == 1 and not tpu_kernel)
+        path = "gather" if n * k <= num_experts and few else "grouped"
     flat = ids.reshape(-1)
     if path == "gather":
         xs = jnp.repeat(x, k, axis=0)  # [N*k, H], row m = token m // k
