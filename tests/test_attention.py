@@ -98,3 +98,43 @@ def test_project_out_contracts_both_axes_off_cpu_with_the_same_values():
     assert "reshape" not in tpu_jaxpr and "reshape" in cpu_jaxpr
     np.testing.assert_array_equal(tpu, cpu)
     np.testing.assert_array_equal(cpu, np.einsum("btnd,ndh->bth", np.asarray(out), np.asarray(w)))
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # sliding (a ring), full
+def test_gpu_decode_step_computes_qkv_and_scores_once_with_the_same_values(layer):
+    """In a program for the GPU, a decode step's fused q/k/v output and its scores go through an
+    optimization barrier (``computed_once``: XLA:GPU's rematerialization recomputed the scores' dot per
+    softmax pass and the projection for the cache write, reading the keys and the weight again); the
+    CPU program has none. Same output and cache either way (small integers: every product and sum exact)."""
+    from flax import nnx
+
+    from gptoss_jax import get_preset, platform
+    from gptoss_jax.layers.attention import Attention
+    from gptoss_jax.layers.kv_cache import init_cache, update_cache
+
+    cfg = get_preset("tiny")
+    attn = Attention(cfg, layer, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(layer)
+    for p in (attn.qkv_kernel, attn.qkv_bias, attn.o_kernel, attn.o_bias, attn.sinks):
+        p.set_value(jnp.asarray(rng.integers(-2, 3, p.shape), jnp.float32) / 4)
+    b, context = 3, 12
+    shape = (b, 5, cfg.num_key_value_heads, cfg.head_dim)
+    cache = update_cache(init_cache(cfg, b, context, jnp.float32)[layer],
+                         jnp.asarray(rng.integers(-2, 3, shape), jnp.float32),
+                         jnp.asarray(rng.integers(-2, 3, shape), jnp.float32), jnp.arange(5)[None, :].repeat(b, 0))
+    x = jnp.asarray(rng.integers(-2, 3, (b, 1, cfg.hidden_size)), jnp.float32) / 4
+    cos = jnp.ones((b, 1, cfg.head_dim // 2), jnp.float32)
+    sin = jnp.zeros((b, 1, cfg.head_dim // 2), jnp.float32)
+    positions = jnp.asarray([[5], [-1], [5]], jnp.int32)
+
+    def run(target):
+        def f(x, cache):
+            with platform.lowering_for(target):
+                return attn(x, cos, sin, positions, cache, kv_len=8)
+        return str(jax.make_jaxpr(f)(x, cache)), jax.jit(f)(x, cache)
+
+    (gpu_jaxpr, (gpu, gpu_cache)), (cpu_jaxpr, (cpu, cpu_cache)) = run("gpu"), run("cpu")
+    assert gpu_jaxpr.count("optimization_barrier") == 2 and "optimization_barrier" not in cpu_jaxpr
+    np.testing.assert_array_equal(np.asarray(gpu), np.asarray(cpu))
+    for a, c in zip(gpu_cache, cpu_cache):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

@@ -27,9 +27,10 @@ from train import lora
 SEPARATE = {"q": "bth,hnd->btnd", "k": "bth,hkd->btkd", "v": "bth,hkd->btkd"}
 
 
-def separate_qkv(attn: Attention, x):
+def separate_qkv(attn: Attention, x, once: bool = False):
     """The previous formulation: the fused weight split into three kernels and biases, three einsums,
-    each with its own LoRA update (what ``Attention._project`` computed per projection)."""
+    each with its own LoRA update (what ``Attention._project`` computed per projection). ``once`` (a
+    barrier in GPU programs, no change of values) is not needed here."""
     kernels, biases = split_qkv(attn.qkv_kernel[...]), split_qkv(attn.qkv_bias[...])
     out = []
     for i, name in enumerate("qkv"):

@@ -63,7 +63,7 @@ def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Arra
     prec = precision_for(q.dtype)
     qg = q.reshape(b, tq, nkv, g, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, precision=prec, preferred_element_type=jnp.float32)
-    scores = scores * jnp.float32(1.0 / math.sqrt(d))
+    scores = computed_once(scores * jnp.float32(1.0 / math.sqrt(d)))
     mask = attention_mask(q_pos, k_pos, window, q_seg, k_seg)[:, None, None, :, :]
     scores = jnp.where(mask, scores, -jnp.inf)
     sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, nkv, g, 1, 1), (b, nkv, g, tq, 1))
@@ -71,6 +71,17 @@ def attention_kv_major(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Arra
     out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, precision=prec,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, tq, nq, d).astype(q.dtype)
+
+
+def computed_once(x):
+    """``x`` (arrays of any shape, a pytree) as it is. In a program for the GPU, behind an optimization
+    barrier, so that XLA computes it once. XLA:GPU's rematerialization squeezes temporaries toward
+    nothing when parameters and outputs exceed 80% of the device memory (120b weights and a batch-64
+    cache on an 80 GB H100): it recomputed a full layer's scores dot for each of the softmax's three
+    passes (the keys read three times, 12 GB more per decode step at batch 64, context 4,096, to save
+    67 MB of float32 scores per layer) and the q/k/v projection for the cache write (its weight read
+    twice). A value behind a barrier is not rematerialized."""
+    return platform.dependent(x, gpu=jax.lax.optimization_barrier, default=lambda x: x)
 
 
 def check_attention_impl(impl: str) -> str:
@@ -202,11 +213,12 @@ class Attention(nnx.Module):
         deltas = {p: jnp.zeros(shapes[p], jnp.float32) if dl is None else dl for p, dl in deltas.items()}
         return fuse_qkv(deltas["q"], deltas["k"], deltas["v"], xp=jnp)
 
-    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def project_qkv(self, x: jax.Array, once: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, H] -> q [B, T, nq, D], k, v [B, T, nkv, D] (before RoPE): one matmul with the fused
-        kernel, its bias and, when attached, the LoRA updates (float32 sums, one rounding to x's dtype)."""
+        kernel, its bias and, when attached, the LoRA updates (float32 sums, one rounding to x's dtype).
+        ``once``: the fused output goes through :func:`computed_once` (the same values)."""
         qkv = dense(x, self.qkv_kernel[...], "bth,hkqd->btkqd", self.qkv_bias[...], self._qkv_lora(x))
-        return split_qkv(qkv)
+        return split_qkv(computed_once(qkv) if once else qkv)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  cache: LayerCache | None = None, segment_ids: jax.Array | None = None,
@@ -219,7 +231,7 @@ class Attention(nnx.Module):
         """
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences and cannot be used with a cache")
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, once=cache is not None)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = attend_kv_major(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), self.sinks[...], positions,
