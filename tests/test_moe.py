@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gptoss_jax import mxfp4
-from gptoss_jax.layers.moe import experts_forward, router, swiglu, swiglu_in_chunks
+from gptoss_jax.layers.moe import experts_forward, router, swiglu
 from tests.reference import to_np
 from tests.tolerance import EPS, U, assert_within, dot_bound, gamma
 
@@ -78,18 +78,6 @@ def test_experts_at_the_clamp_edges(reference_run, hf_reference, tiny_model):
     for path in ("gather", "grouped"):
         ours = _run(tiny_model, x.numpy(), ids.numpy(), weights.numpy(), experts, path)
         np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
-
-
-@pytest.mark.parametrize("m, rows", [(96, 32), (96, 64), (40, 32), (24, 32)])
-def test_swiglu_in_chunks_bit_equal(m, rows):
-    """swiglu_in_chunks: a loop over gcd(M, rows)-row chunks (96/32: 3 chunks, 96/64: 3 of 32) or, when
-    M <= rows or the gcd is below 8 rows, one call: bit-equal to swiglu on all rows."""
-    x = jnp.asarray(np.random.default_rng(6).normal(scale=6.0, size=(m, 2 * 48)), jnp.bfloat16)
-    ours = jax.jit(lambda x: swiglu_in_chunks(x, 1.702, 7.0, rows))(x)
-    jaxpr = str(jax.make_jaxpr(lambda x: swiglu_in_chunks(x, 1.702, 7.0, rows))(x))
-    assert ("while" in jaxpr or "scan" in jaxpr) == (m > rows and m % 8 == 0)
-    np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)),
-                                  np.asarray(swiglu(x, 1.702, 7.0).astype(jnp.float32)))
 
 
 def test_swiglu_matches_reference_gate():

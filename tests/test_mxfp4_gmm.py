@@ -269,3 +269,76 @@ def test_experts_forward_kernel_bias_inside_equals_bias_outside(mode, dtype):
     g = jax.grad(loss, (0, 1))(x, biases, mode)
     for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("n,layout", [(64, "checkpoint"), (1280, "tpu")])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gmm_swiglu_equals_gmm_bias_then_swiglu(n, layout, dtype):
+    """SwiGLU in the gate_up kernel's epilogue (:func:`mxfp4_gmm.gmm_swiglu`) against the unfused kernel and
+    :func:`moe.swiglu` on its [rows, 2I] output: bit for bit (the same float32 sums, roundings and math; the
+    even lanes are only moved). n 1280: two N tiles of 640 (the 20b gate_up's tile), 9 packing steps each;
+    block 1 of expert 2 holds one real row, expert 1 is empty, the last block pads."""
+    from gptoss_jax.layers.moe import swiglu
+
+    x, blocks, scales, bias, block_expert = _swiglu_case(n, layout, dtype)
+    kw = dict(bsz=BSZ, interpret=True, rows=2 * BSZ + 1)
+    ours = mxfp4_gmm.gmm_swiglu(x, blocks, scales, bias, block_expert, BSZ, 1.702, 7.0, True, 2 * BSZ + 1)
+    want = swiglu(mxfp4_gmm.gmm_bias(x, blocks, scales, bias, block_expert, **kw), 1.702, 7.0)
+    assert ours.dtype == dtype and ours.shape == (4 * BSZ, n // 2)
+    np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    assert np.all(np.asarray(ours[3 * BSZ:].astype(jnp.float32)) == 0) and float(jnp.abs(want).max()) > 0
+    with pytest.raises(ValueError, match="SwiGLU: bias"):
+        mxfp4_gmm.gmm_swiglu(x, blocks, scales, bias[:, :8], block_expert, BSZ, 1.702, 7.0, True)
+
+
+def _swiglu_case(n, layout, dtype):
+    """(x [4 blocks x BSZ, K], gate_up blocks, scales, bias [E, n], block_expert) for the fused SwiGLU tests."""
+    rng = np.random.default_rng(7)
+    blocks, scales = _weights(rng, n=n)
+    if layout == "tpu":
+        blocks, scales = mxfp4.to_tpu(blocks, scales)
+    block_expert = jnp.array([0, 2, 2, 3], jnp.int32)
+    bias = jnp.asarray(rng.standard_normal((E, n)), jnp.float32).astype(dtype)
+    x = jnp.asarray(rng.standard_normal((4 * BSZ, K)) * 0.5, jnp.float32)
+    x = x.at[2 * BSZ + 1:3 * BSZ].set(0).astype(dtype)  # block 2: one real row, the rest zero padding rows
+    return x, blocks, scales, bias, block_expert
+
+
+@pytest.mark.slow
+def test_gmm_swiglu_gradients_equal_the_unfused_path():
+    """Gradients in x and the bias of :func:`mxfp4_gmm.gmm_swiglu` equal gmm_bias + swiglu's bit for bit
+    (the backward recomputes the unfused path)."""
+    from gptoss_jax.layers.moe import swiglu
+
+    x, blocks, scales, bias, block_expert = _swiglu_case(64, "checkpoint", jnp.float32)
+    cot = jnp.cos(jnp.arange(4 * BSZ * 32, dtype=jnp.float32).reshape(4 * BSZ, 32))
+    g = jax.grad(lambda x, b: jnp.sum(mxfp4_gmm.gmm_swiglu(x, blocks, scales, b, block_expert, BSZ, 1.702, 7.0, True)
+                                      * cot), (0, 1))(x, bias)
+    g_ref = jax.grad(lambda x, b: jnp.sum(swiglu(mxfp4_gmm.gmm_bias(x, blocks, scales, b, block_expert, bsz=BSZ,
+                                                                    interpret=True), 1.702, 7.0) * cot), (0, 1))(x, bias)
+    for got, exp in zip(g, g_ref):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(exp))
+        assert float(jnp.abs(exp).max()) > 0
+
+
+@pytest.mark.parametrize("routing", [r if r == "uneven, expert 0 empty" else pytest.param(r, marks=pytest.mark.slow)
+                                     for r in ROUTINGS])
+def test_fused_swiglu_tpu_layout_equals_unfused_checkpoint_layout(routing):
+    """experts_forward on TPU-layout experts (both projections in block order, SwiGLU fused into the gate_up
+    kernel, the k outputs combined by :func:`moe._combine_elementwise`) against the checkpoint layout through
+    the same kernel unfused (gate_up [rows, 2I], then :func:`moe.swiglu`, then down, then the einsum over k):
+    bit for bit on CPU, bf16, for one token, one expert, and uneven groups. (The combine's k = 2 float32
+    products and one add are the einsum's; on TPU the dot's summation order is the compiler's.)"""
+    rng = np.random.default_rng(8)
+    experts = {k: v.astype(jnp.bfloat16) if k.endswith("_bias") else v for k, v in _moe_experts(rng).items()}
+    tpu = dict(experts)
+    for name in ("gate_up", "down"):
+        tpu[f"{name}_blocks"], tpu[f"{name}_scales"] = mxfp4.to_tpu(experts[f"{name}_blocks"], experts[f"{name}_scales"])
+    ids = jnp.asarray(ROUTINGS[routing], jnp.int32)
+    x = jnp.asarray(rng.standard_normal((ids.shape[0], 64)) * 0.5, jnp.bfloat16)
+    weights = jax.nn.softmax(jnp.asarray(rng.standard_normal(ids.shape), jnp.float32), -1).astype(jnp.bfloat16)
+    run = lambda ex: experts_forward(x, ids, weights, ex, 4, 1.702, 7.0, "grouped", kernel="interpret")  # noqa: E731
+    assert "mxfp4_gmm_fwd" in str(jax.make_jaxpr(lambda: run(tpu))())
+    want, got = run(experts), run(tpu)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)))
+    assert float(jnp.abs(want.astype(jnp.float32)).max()) > 0

@@ -13,7 +13,9 @@ VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever
 - :func:`gmm_t`: ``dx[b] = dy[b] @ W_e`` dy [nb*bsz, N] -> float32 [nb*bsz, K] (the product for dx);
 - :func:`grouped_matmul`: :func:`gmm` with a custom VJP whose dx is :func:`gmm_t` (weights are frozen;
   the bias gets its per-expert sum of dy);
-- :func:`gmm_bias`: :func:`grouped_matmul` with the bias added inside and the output in x's dtype.
+- :func:`gmm_bias`: :func:`grouped_matmul` with the bias added inside and the output in x's dtype;
+- :func:`gmm_swiglu` (TPU): gate_up with its bias and the clamped SwiGLU in the kernel's epilogue
+  (interleaved gate / up columns [.., 2I] -> [.., I]: each N tile's even lanes packed by lane rotations).
 
 TPU weights may come in the TPU layout (:func:`gptoss_jax.mxfp4.to_tpu`: words u32 [E, K/8, N], scales
 u8 [E, K/32, N], N minor, stored so at load time) instead of the checkpoint's u8 blocks, which the TPU
@@ -108,17 +110,53 @@ def _tpu_weight_planes(w_ref, s_ref, dtype):
         yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
 
 
-def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, *refs, num_experts, dtype):
+def clamped_swiglu(gate: jax.Array, up: jax.Array, alpha: float, limit: float) -> jax.Array:
+    """float32 gate, up [...] -> float32 gate' * sigmoid(alpha * gate') * (up' + 1), gate' = min(gate, limit),
+    up' = clip(up, -limit, limit) (:func:`gptoss_jax.layers.moe.swiglu`'s math)."""
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)
+
+
+def _roll_left(v: jax.Array, s: int) -> jax.Array:
+    """v [M, n] -> lane p holds v[:, (p + s) % n] (a lane rotation)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.roll(v, v.shape[1] - s, 1)
+
+
+def _swiglu_tile(acc: jax.Array, dtype, alpha: float, limit: float) -> jax.Array:
+    """The epilogue of the fused gate_up: float32 [M, tn] interleaved (gate in even lanes, up in odd) ->
+    [M, tn/2] dtype. The tile is rounded to ``dtype`` first (the unfused path's [rows, 2I] output), SwiGLU
+    runs in float32 on every even lane with its odd neighbour, then the even lanes are packed to the front
+    by log2(tn/2) rotate-and-select steps (data movement only: values are not touched) and rounded once."""
+    tn = acc.shape[1]
+    v = acc.astype(dtype).astype(jnp.float32)
+    h = clamped_swiglu(v, _roll_left(v, 1), alpha, limit)  # lane 2i: pair i's value; odd lanes: unused
+    lane = jax.lax.broadcasted_iota(jnp.int32, acc.shape, 1)
+    s = 1
+    while s < tn // 2:
+        # pair i = q*s + r (r < s) sits at lane q*2s + r; those with odd q move s lanes left, into lanes of
+        # the form (even q')*2s + s + r that hold no pair
+        h = jnp.where(((lane & s) != 0) & ((lane & 2 * s) == 0), _roll_left(h, s), h)
+        s *= 2
+    return h[:, :tn // 2].astype(dtype)
+
+
+def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, *refs, num_experts, dtype, activation=None):
     *b_ref, o_ref = refs  # b_ref: [the bias tile [1, 1, tn]] or []
 
     @pl.when(be_ref[pl.program_id(1)] < num_experts)
     def _():
-        acc = jnp.zeros(o_ref.shape, jnp.float32)
+        acc = jnp.zeros((o_ref.shape[-2], w_ref.shape[-1]), jnp.float32)
         for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
             acc += _dot(x_ref[j], wj, ((1,), (0,)), dtype)
         if b_ref:  # the block's expert's bias [1, tn], added in float32, then one rounding
             acc += b_ref[0][0].astype(jnp.float32)
-        o_ref[...] = acc.astype(o_ref.dtype)
+        if activation is None:
+            o_ref[...] = acc.astype(o_ref.dtype)
+        else:  # (alpha, limit): SwiGLU of the tile's pairs, out block [1, bsz, tn/2]
+            o_ref[0] = _swiglu_tile(acc, o_ref.dtype, *activation)
 
     @pl.when(be_ref[pl.program_id(1)] >= num_experts)
     def _():
@@ -143,7 +181,7 @@ def _tile(n: int, cap: int = 1024) -> int:
 
 
 def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None,
-              out_dtype=jnp.float32):
+              out_dtype=jnp.float32, activation=None):
     from jax.experimental.pallas import tpu as pltpu
 
     words, scales = tpu_words(blocks, scales)
@@ -161,11 +199,14 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
                     pl.BlockSpec((1, g, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))]
         if bias is not None:  # [E, 1, N]: the block's expert's row of each N tile
             in_specs.append(pl.BlockSpec((1, 1, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)))
-        spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=grid, in_specs=in_specs,
-            out_specs=pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j)))
-        kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype)
-        out_shape = jax.ShapeDtypeStruct((nb * bsz, n), out_dtype)
+        if activation is None:
+            out_spec = pl.BlockSpec((bsz, tn), lambda j, b, be, ei, xb: (b, j))
+            out_shape = jax.ShapeDtypeStruct((nb * bsz, n), out_dtype)
+        else:  # N tile j's tn/2 SwiGLU columns as slab j (tn/2 need not be a multiple of 128)
+            out_spec = pl.BlockSpec((1, bsz, tn // 2), lambda j, b, be, ei, xb: (j, b, 0))
+            out_shape = jax.ShapeDtypeStruct((n // tn, nb * bsz, tn // 2), out_dtype)
+        spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=out_spec)
+        kernel = functools.partial(_tpu_fwd_kernel, num_experts=e, dtype=dtype, activation=activation)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize * (n // tn)
     else:
         x = a.astype(dtype)  # dy [M, N]
@@ -189,6 +230,8 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
                          )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales,
                            *(() if bias is None else (bias.reshape(e, 1, n),)))
+    if activation is not None:  # [n/tn, M, tn/2] -> [M, n/2]
+        return jnp.moveaxis(out, 0, 1).reshape(nb * bsz, n // 2)
     return out if kind == "fwd" else _unplanes(out)
 
 
@@ -410,3 +453,40 @@ def gmm_bias(x, blocks, scales, bias, block_expert, *, bsz: int, backend: str = 
     float32 products inside the kernel and rounded once), so no float32 [rows, N] product reaches HBM.
     Differentiable in x and the bias (the packed weights are frozen)."""
     return grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def gmm_swiglu(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret=False, rows=None):
+    """The gate_up projection with the clamped SwiGLU in the TPU kernel's epilogue: x [nb*bsz, K], gate_up
+    weights [E, 2I, K] (either layout; output columns interleaved: even = gate, odd = up), bias [E, 2I]
+    -> [nb*bsz, I] in x's dtype, equal to ``moe.swiglu(gmm_bias(x, ...), alpha, limit)`` (the same float32
+    sums, roundings and SwiGLU math) without the [rows, 2I] output or its gate / up halves in HBM.
+    Padding blocks give zeros. Differentiable in x and the bias (the backward recomputes gate_up unfused)."""
+    _check(x, blocks, scales, block_expert, bsz, TPU, False)
+    e, n = scales.shape[0], mxfp4.dims(blocks.shape, scales.shape)[0]
+    if bias.shape != (e, n) or n % 2:
+        raise ValueError(f"MXFP4 gate_up + SwiGLU: bias {bias.shape} must be [{e}, {n}] with an even {n}")
+    return _tpu_call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, x.dtype,
+                     (alpha, limit))
+
+
+def _swiglu_unfused(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows):
+    gate_up = gmm_bias(x, blocks, scales, bias, block_expert, bsz=bsz, interpret=interpret, rows=rows)
+    return clamped_swiglu(gate_up[:, 0::2].astype(jnp.float32), gate_up[:, 1::2].astype(jnp.float32),
+                          alpha, limit).astype(x.dtype)
+
+
+def _swiglu_fwd(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows):
+    y = gmm_swiglu(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows)
+    return y, (x, blocks, scales, bias, block_expert)
+
+
+def _swiglu_bwd(bsz, alpha, limit, interpret, rows, res, dy):
+    x, blocks, scales, bias, block_expert = res
+    _, vjp = jax.vjp(lambda x, bias: _swiglu_unfused(x, blocks, scales, bias, block_expert, bsz, alpha, limit,
+                                                     interpret, rows), x, bias)
+    dx, dbias = vjp(dy)
+    return dx, None, None, dbias, None
+
+
+gmm_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

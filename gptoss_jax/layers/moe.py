@@ -17,11 +17,11 @@ Packed experts on GPU / TPU run the grouped path as one Pallas kernel per projec
 (:mod:`gptoss_jax.kernels.mxfp4_gmm`: MXFP4 decoded inside the kernel, each selected expert's bytes read
 once per call, also for decode from two tokens on, so the batch's rows share their experts' reads; a
 single token takes the gather path, except for experts in the TPU layout on the TPU kernel, where both
-projections run in block order with the biases added in the kernel); on CPU the grouped path runs the
-kernel's plain-JAX loops (each used expert decoded once per call, then its blocks' products; few tokens
-keep the gather path there); dense experts, and ``off``, the block-grouped scan. :func:`kernel_choice` says
-which; ``GPTOSS_MOE_KERNEL`` overrides it (``off``, ``tpu``, ``gpu``, ``cpu``, ``interpret`` = the TPU kernel
-in Pallas interpret mode, ``interpret-gpu``).
+projections run in block order with the biases added in the kernel and SwiGLU in the gate_up kernel's
+epilogue); on CPU the grouped path runs the kernel's plain-JAX loops (each used expert decoded once per
+call, then its blocks' products; few tokens keep the gather path there); dense experts, and ``off``, the
+block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` overrides it (``off``, ``tpu``,
+``gpu``, ``cpu``, ``interpret`` = the TPU kernel in Pallas interpret mode, ``interpret-gpu``).
 
 Packed experts have two storage layouts (``MoE.expert_layout``; the code dispatches on the blocks'
 dtype): ``checkpoint`` (u8 blocks as above) and ``tpu`` (:func:`gptoss_jax.mxfp4.to_tpu`: u32 words
@@ -35,7 +35,6 @@ row adds ``(x A_e) B_e`` for its own expert e inside the same gather / grouped p
 """
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -91,23 +90,12 @@ def router(x: jax.Array, kernel: jax.Array, bias: jax.Array, k: int) -> tuple[ja
 def swiglu(gate_up: jax.Array, alpha: float, limit: float) -> jax.Array:
     """Clamped SwiGLU on interleaved [..., 2I] -> [..., I] (float32 math, x's dtype out).
 
-    The halves are sliced before the conversion (the same values): XLA:TPU wrote the whole float32
-    [rows, 2I] and both float32 halves (6.1 GB live at the peak of a 20b prefill of 32,768 tokens)."""
-    gate = jnp.minimum(gate_up[..., 0::2].astype(jnp.float32), limit)
-    up = jnp.clip(gate_up[..., 1::2].astype(jnp.float32), -limit, limit)
-    return (gate * jax.nn.sigmoid(alpha * gate) * (up + 1.0)).astype(gate_up.dtype)
+    The math is :func:`mxfp4_gmm.clamped_swiglu` (which the TPU kernel's fused epilogue runs too). The
+    halves are sliced before the conversion (the same values): XLA:TPU wrote the whole float32 [rows, 2I]
+    and both float32 halves (6.1 GB live at the peak of a 20b prefill of 32,768 tokens)."""
+    return mxfp4_gmm.clamped_swiglu(gate_up[..., 0::2].astype(jnp.float32), gate_up[..., 1::2].astype(jnp.float32),
+                                    alpha, limit).astype(gate_up.dtype)
 
-
-def swiglu_in_chunks(gate_up: jax.Array, alpha: float, limit: float, rows: int = 8192) -> jax.Array:
-    """:func:`swiglu` of [M, 2I] -> [M, I], by a loop over chunks of gcd(M, ``rows``) rows when M is larger
-    (the same values, row by row): XLA:TPU stores the strided gate / up slices of whatever it is given
-    (2 x 0.82 GB for the 139,264 block rows of a 20b prefill of 32,768 tokens), of one chunk only here."""
-    m = gate_up.shape[0]
-    step = math.gcd(m, rows)
-    if m <= rows or step < 8:
-        return swiglu(gate_up, alpha, limit)
-    chunks = gate_up.reshape(m // step, step, gate_up.shape[1])
-    return jax.lax.map(lambda c: swiglu(c, alpha, limit), chunks).reshape(m, -1)
 
 def take_experts(a: jax.Array, ids: jax.Array) -> jax.Array:
     """Rows ``a[ids]`` of a per-expert array [E, ...]; an empty slot (id E) gives zeros."""
@@ -282,22 +270,23 @@ def _grouped_tpu_mlp(xs: jax.Array, experts: dict, sorted_ids: jax.Array, group_
                      alpha: float, limit: float, interpret: bool) -> jax.Array:
     """Rows xs [M, H] sorted by expert -> [M, H] (both projections, SwiGLU, biases) on the TPU kernel,
     packed experts without LoRA: the rows stay in block order from gate_up through down
-    (:func:`mxfp4_gmm.gmm_bias`: bias added and rounded in the kernel), leaving it once at the end.
+    (:func:`mxfp4_gmm.gmm_swiglu`: gate_up with its bias and SwiGLU in the kernel, [rows, I] out;
+    :func:`mxfp4_gmm.gmm_bias`: down with its bias), leaving it once at the end.
     Padding rows carry SwiGLU(bias) through down and are dropped; real rows equal the two
-    :func:`_project_grouped` calls exactly. (Between the projections XLA:TPU held the float32 products,
-    their biased float32 copies and the gathered rows: 23.5 GB of temporaries for a 20b prefill of
-    32,768 tokens with the residual stream's adds.)"""
+    :func:`_project_grouped` calls and :func:`swiglu`. (Between the projections XLA:TPU held the float32
+    products, their biased float32 copies and the gathered rows: 23.5 GB of temporaries for a 20b prefill of
+    32,768 tokens with the residual stream's adds; then the bf16 [rows, 2I] gate_up output and the two
+    strided halves it wrote for SwiGLU's even / odd columns, 3.2 GB live at the peak.)"""
     e = group_sizes.shape[0]
     bsz = _block_size(xs.shape[0], e, 16)
     num_blocks, dest, src, block_expert = _block_plan(sorted_ids, group_sizes, bsz)
     block_expert = jnp.minimum(block_expert, e)
     xb = jnp.take(xs, src, axis=0, mode="fill", fill_value=0)
 
-    def project(rows, name):
-        return mxfp4_gmm.gmm_bias(rows, experts[f"{name}_blocks"], experts[f"{name}_scales"], experts[f"{name}_bias"],
-                                  block_expert, bsz=bsz, interpret=interpret, rows=xs.shape[0])
-
-    y = project(swiglu_in_chunks(project(xb, "gate_up"), alpha, limit), "down")
+    h = mxfp4_gmm.gmm_swiglu(xb, experts["gate_up_blocks"], experts["gate_up_scales"], experts["gate_up_bias"],
+                             block_expert, bsz, alpha, limit, interpret, xs.shape[0])
+    y = mxfp4_gmm.gmm_bias(h, experts["down_blocks"], experts["down_scales"], experts["down_bias"], block_expert,
+                           bsz=bsz, interpret=interpret, rows=xs.shape[0])
     return jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
 
 
@@ -357,10 +346,24 @@ def experts_forward(x: jax.Array, ids: jax.Array, weights: jax.Array, experts: d
             y_sorted = _project_grouped(h, experts, "down", sorted_ids, group_sizes, lora_dropout, use)
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         y = jnp.take(y_sorted, inverse, axis=0)  # unsorted by a gather: no zero buffer per layer (see above)
+        if tpu_kernel:
+            return _combine_elementwise(y.reshape(n, k, -1), weights).astype(x.dtype)
     else:
         raise ValueError(f"unknown expert path {path!r}")
     y = y.reshape(n, k, -1).astype(jnp.float32)
     return jnp.einsum("mxh,mx->mh", y, weights.astype(jnp.float32)).astype(x.dtype)
+
+
+def _combine_elementwise(y: jax.Array, weights: jax.Array) -> jax.Array:
+    """y [N, k, H], weights [N, k] -> float32 sum_j y[:, j] * weights[:, j] [N, H], as products and adds
+    (the einsum's float32 products and k-term sum, in the order j = 0..k-1). XLA:TPU lowered the einsum as a
+    dot over k whose float32 [N*k, H] operand and its relaid-out copy (2 x 1.5 GB for a 20b prefill of 32,768
+    tokens) were the largest values of the program; products and adds fuse with the rows' conversion."""
+    w = weights.astype(jnp.float32)
+    out = y[:, 0].astype(jnp.float32) * w[:, 0, None]
+    for j in range(1, y.shape[1]):
+        out = out + y[:, j].astype(jnp.float32) * w[:, j, None]
+    return out
 
 
 class MoE(nnx.Module):
