@@ -149,15 +149,17 @@ def test_bucketed_steps_equal_whole_cache_steps_in_the_gpu_program(model, monkey
 
 
 def test_decode_rejects_a_bucket_shorter_than_the_sequences(model):
-    runner = Runner(model, max_batch=2, context=CONTEXT, prefill_chunk=CHUNK, kv_bucket_min=SMALLEST)
+    """(SLOTS slots, the other tests' shapes: its prefill program is theirs, not one more compile.)"""
+    runner = Runner(model, max_batch=SLOTS, context=CONTEXT, prefill_chunk=CHUNK, kv_bucket_min=SMALLEST)
     runner.prefill([Chunk(0, prompt(0, 20), 0, SlotSampling.of(GREEDY, np.zeros(2, np.uint32)))], 32)
-    assert runner.bucket(np.array([True, False])) == 32 and runner.bucket(np.array([False, True])) == 16
+    first, second = np.array([True, False, False, False]), np.array([False, True, False, False])
+    assert runner.bucket(first) == 32 and runner.bucket(second) == 16
     with pytest.raises(ValueError, match="shorter"):
-        runner.decode(np.array([True, False]), kv_len=16)
+        runner.decode(first, kv_len=16)
     with pytest.raises(ValueError, match="not a decode bucket"):
-        runner.decode(np.array([True, False]), kv_len=48)
+        runner.decode(first, kv_len=48)
     with pytest.raises(ValueError, match="active"):
-        runner.decode(np.array([True]))
+        runner.decode(np.array([True, False]))
 
 
 @pytest.mark.slow

@@ -71,13 +71,20 @@ def _run(model):
     return np.asarray(firsts), np.stack(steps)
 
 
+@pytest.fixture(scope="module")
+def checkpoint_run(models):
+    """_run of the checkpoint layout on the exact path: the reference of both kernel modes (run once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTOSS_MOE_KERNEL", "off")
+        return _run(models[0])
+
+
 @pytest.mark.parametrize("kernel", ["off", pytest.param("interpret", marks=pytest.mark.slow)])
-def test_tpu_layout_gives_the_same_logits_in_prefill_and_decode(models, monkeypatch, kernel):
+def test_tpu_layout_gives_the_same_logits_in_prefill_and_decode(models, checkpoint_run, monkeypatch, kernel):
     """Checkpoint layout on the exact path vs the TPU layout on the exact path ('off') or through the TPU
     kernel in interpret mode (also for one-token steps): float32 sums in another order, <= 1e-5."""
-    ckpt, tpu = models
-    monkeypatch.setenv("GPTOSS_MOE_KERNEL", "off")
-    want_first, want = _run(ckpt)
+    _, tpu = models
+    want_first, want = checkpoint_run
     monkeypatch.setenv("GPTOSS_MOE_KERNEL", kernel)
     got_first, got = _run(tpu)
     np.testing.assert_array_equal(got_first, want_first)
