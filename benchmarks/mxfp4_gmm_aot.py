@@ -21,7 +21,7 @@ other parameter layouts and adds copies that a real call does not have).
 
 ``--tpu-blocks u8`` compiles the TPU kernel on the checkpoint's u8 [E, N, K/32, 16] blocks (converted to
 the TPU layout, :func:`gptoss_jax.mxfp4.to_tpu`, inside the call) instead of the TPU layout stored at load
-time (words u32 [E, K/8, N], scales u8 [E, K/32 rounded up to 32, N]).
+time (words u32 [E, Kp/8, N] with K padded to a multiple of 64, scales u8 [E, K/32 rounded up to 32, N]).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def main(argv=None):
     for name, (n, kk) in {"gate_up": (2 * i, h), "down": (h, i)}.items():
         bshape, sshape = mxfp4.packed_shape((e, n, kk))
         if backend == mxfp4_gmm.TPU and args.tpu_blocks == "words":
-            experts[f"{name}_blocks"] = spec((e, kk // mxfp4.WORD, n), jnp.uint32)
+            experts[f"{name}_blocks"] = spec((e, mxfp4.tpu_word_rows(kk), n), jnp.uint32)
             experts[f"{name}_scales"] = spec((e, mxfp4.scale_rows(kk // mxfp4.BLOCK), n), jnp.uint8)
         else:
             experts[f"{name}_blocks"] = spec(bshape, jnp.uint8)

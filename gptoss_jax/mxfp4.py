@@ -126,6 +126,8 @@ def packed_nbytes(shape: tuple[int, ...]) -> int:
 # ------------------------------------------------------------------ the TPU layout (words, N minor)
 #: Values per u32 word of the TPU layout.
 WORD = 8
+#: Values per group of 8 word rows (one 32-bit sublane tile) of the TPU layout; K is padded to a multiple.
+GROUP = 64
 #: The TPU layout's scales have their blocks axis padded (with zero scales) to a multiple of this: u8 HBM
 #: tiles hold 32 rows, and XLA:TPU lays out an axis that would be padded after a dim that is not (E), so
 #: [E, 90, N] scales were stored E-minor-second and relaid out in every call.
@@ -137,35 +139,59 @@ def scale_rows(g: int) -> int:
     return -(-g // SCALE_ROWS) * SCALE_ROWS
 
 
+def tpu_word_rows(k: int) -> int:
+    """Word rows of the TPU layout for a contraction of ``k`` values (k padded to a multiple of :data:`GROUP`)."""
+    return -(-k // GROUP) * GROUP // WORD
+
+
 def to_tpu(blocks, scales, *, xp=jnp):
     """Checkpoint layout -> TPU layout: blocks u8 ``[..., N, G, 16]``, scales u8 ``[..., N, G]`` ->
-    (words u32 ``[..., G*4, N]``, scales u8 ``[..., Gp, N]``; Gp = :func:`scale_rows` (G), rows past G zero).
+    (words u32 ``[..., Kp/8, N]``, scales u8 ``[..., Gp, N]``; Kp = K rounded up to :data:`GROUP` (zero codes
+    past K), Gp = :func:`scale_rows` (G); scale row ``h * Gp/2 + t`` holds block ``2t + h``, zero past G).
 
-    Word w of column n holds values ``8w .. 8w+7`` of row n, value ``8w + j`` in bits ``4j .. 4j+3``
-    (the checkpoint's bytes read little-endian). The output dim N is minor in both arrays: TPU tiles the
-    two minor dims of an array in HBM to (sublane, 128 lanes), and the checkpoint's 16-byte / G-element
-    minor dims are padded (x8 for the blocks) or relaid out by XLA in every call; here N (a multiple of
-    128) fills the lanes and the contraction runs over the major dims. NumPy (``xp=np``) or JAX."""
+    Word rows come in groups of 8 (one 32-bit sublane tile): nibble j (bits ``4j .. 4j+3``) of word row
+    ``8t + r`` holds value ``64t + 8j + r`` of column n. So decoding nibble j of a tile of words gives
+    rows ``64t + 8j .. 64t + 8j + 7`` of the matrix: the 8 decoded planes stack into ``[K, N]`` in natural
+    order by moving whole tiles, and the TPU kernel reads activations as they are (no strided planes).
+    Word row ``8t + r`` takes block ``2t`` (nibbles 0-3) and ``2t + 1`` (4-7): the even blocks' scales come
+    first, then the odd ones', so each half broadcasts to its word rows without a gather.
+    The output dim N is minor in both arrays: TPU tiles the two minor dims of an array in HBM to
+    (sublane, 128 lanes); N (a multiple of 128) fills the lanes and the contraction runs over the major
+    dims. NumPy (``xp=np``) or JAX."""
     _check(blocks.shape, scales.shape)
     *lead, n, g, _ = blocks.shape
-    if xp is np:
-        words = np.ascontiguousarray(np.asarray(blocks, np.uint8)).reshape(*lead, n, g * 4, 4).view("<u4")[..., 0]
-    else:
-        words = jax.lax.bitcast_convert_type(blocks.reshape(*lead, n, g * 4, 4), jnp.uint32)
-    pad = [(0, 0)] * (scales.ndim - 1) + [(0, scale_rows(g) - g)]
-    return xp.swapaxes(words, -1, -2), xp.swapaxes(xp.pad(scales, pad), -1, -2)
+    k = g * BLOCK
+    wp = tpu_word_rows(k)
+    b = blocks.astype(xp.uint32)
+    codes = xp.stack([b & 0xF, b >> 4], axis=-1).reshape(*lead, n, k)  # value 2i: the low nibble of byte i
+    codes = xp.pad(codes, [(0, 0)] * (len(lead) + 1) + [(0, wp * WORD - k)])
+    codes = codes.reshape(*lead, n, wp // WORD, WORD, WORD)  # [..., N, t, j, r]: value 64t + 8j + r
+    words = codes[..., 0, :]
+    for j in range(1, WORD):
+        words = words | (codes[..., j, :] << (4 * j))
+    words = words.reshape(*lead, n, wp).astype(xp.uint32)
+    gp = scale_rows(g)
+    sc = xp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, gp - g)]).reshape(*lead, n, gp // 2, 2)
+    sc = xp.swapaxes(sc, -1, -2).reshape(*lead, n, gp)  # row h * Gp/2 + t: block 2t + h
+    return xp.swapaxes(words, -1, -2), xp.swapaxes(sc, -1, -2)
 
 
-def from_tpu(words, scales, *, xp=jnp):
-    """TPU layout -> checkpoint layout (inverse of :func:`to_tpu`)."""
+def from_tpu(words, scales, *, k: int | None = None, xp=jnp):
+    """TPU layout -> checkpoint layout (inverse of :func:`to_tpu`). ``k``: the contraction size, needed when
+    it is not a multiple of :data:`GROUP` (default: the words' Kp)."""
     check_tpu(words.shape, scales.shape)
-    *lead, w, n = words.shape
-    words = xp.swapaxes(words, -1, -2)  # [..., N, W]
-    if xp is np:
-        blocks = np.ascontiguousarray(np.asarray(words, np.uint32)).astype("<u4").view(np.uint8)
-    else:
-        blocks = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., N, W, 4], little-endian
-    return blocks.reshape(*lead, n, w // 4, BYTES_PER_BLOCK), xp.swapaxes(scales[..., :w // 4, :], -1, -2)
+    *lead, wp, n = words.shape
+    k = wp * WORD if k is None else k
+    if k % BLOCK or tpu_word_rows(k) != wp:
+        raise ValueError(f"MXFP4 TPU words {tuple(words.shape)}: {k} values do not fill {wp} word rows")
+    w = xp.swapaxes(words, -1, -2).astype(xp.uint32).reshape(*lead, n, wp // WORD, WORD)  # [..., N, t, r]
+    codes = xp.stack([(w >> (4 * j)) & 0xF for j in range(WORD)], axis=-2)  # [..., N, t, j, r]
+    codes = codes.reshape(*lead, n, wp * WORD)[..., :k].reshape(*lead, n, k // 2, 2)
+    blocks = (codes[..., 0] | (codes[..., 1] << 4)).astype(xp.uint8)
+    g, gp = k // BLOCK, scales.shape[-2]
+    sc = xp.swapaxes(scales, -1, -2).reshape(*lead, n, 2, gp // 2)
+    sc = xp.swapaxes(sc, -1, -2).reshape(*lead, n, gp)[..., :g]
+    return blocks.reshape(*lead, n, g, BYTES_PER_BLOCK), sc
 
 
 def is_tpu(blocks) -> bool:
@@ -175,14 +201,15 @@ def is_tpu(blocks) -> bool:
 
 def check_tpu(words_shape, scales_shape):
     if len(words_shape) < 2 or tuple(words_shape[:-2]) != tuple(scales_shape[:-2]) \
-            or words_shape[-1] != scales_shape[-1] or words_shape[-2] % 4 \
+            or words_shape[-1] != scales_shape[-1] or words_shape[-2] % WORD \
             or scales_shape[-2] != scale_rows(words_shape[-2] // 4):
         raise ValueError(f"MXFP4 TPU words {tuple(words_shape)} and scales {tuple(scales_shape)} do not match "
-                         f"(expected words [..., G*4, N] and scales [..., G rounded up to {SCALE_ROWS}, N])")
+                         f"(expected words [..., Kp/8, N] with Kp a multiple of {GROUP} and scales "
+                         f"[..., K/32 rounded up to {SCALE_ROWS}, N])")
 
 
 def dims(blocks_shape, scales_shape) -> tuple[int, int]:
-    """(N, K) of the matrices packed in either layout (checked)."""
+    """(N, K) of the matrices packed in either layout (checked); for the TPU layout K is the padded Kp."""
     if len(blocks_shape) == len(scales_shape):
         check_tpu(blocks_shape, scales_shape)
         return words_shape_k(blocks_shape)
@@ -191,36 +218,53 @@ def dims(blocks_shape, scales_shape) -> tuple[int, int]:
 
 
 def words_shape_k(words_shape) -> tuple[int, int]:
-    """(N, K) of TPU-layout words [..., K/8, N]."""
+    """(N, Kp) of TPU-layout words [..., Kp/8, N]."""
     return words_shape[-1], words_shape[-2] * WORD
+
+
+def fits_tpu(k: int, kp: int) -> bool:
+    """Whether a contraction of ``k`` values is the one TPU words of ``kp`` (padded) values hold."""
+    return k % BLOCK == 0 and tpu_word_rows(k) * WORD == kp
 
 
 def _word_codes(words: jax.Array, j: int) -> jax.Array:
     return (words >> (4 * j)) & 0xF
 
 
-def unpack_tpu(words: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
-    """Decode the TPU layout: words ``[..., G*4, N]``, scales ``[..., Gp, N]`` -> ``[..., N, G*32]`` dtype
-    (the same matrix :func:`unpack` gives for the checkpoint layout)."""
+def _block_scales(scales: jax.Array, t: int) -> jax.Array:
+    """TPU-layout scales [..., Gp, N] -> float32 [..., t, 2, N]: the scales of blocks 2t' and 2t' + 1."""
+    gh = scales.shape[-2] // 2
+    sc = jnp.stack([scales[..., :t, :], scales[..., gh:gh + t, :]], axis=-2)
+    return jax.lax.bitcast_convert_type(sc, jnp.float8_e8m0fnu).astype(jnp.float32)
+
+
+def unpack_tpu(words: jax.Array, scales: jax.Array, dtype=jnp.bfloat16, k: int | None = None) -> jax.Array:
+    """Decode the TPU layout: words ``[..., Kp/8, N]``, scales ``[..., Gp, N]`` -> ``[..., N, k]`` dtype
+    (the same matrix :func:`unpack` gives for the checkpoint layout; ``k`` default Kp)."""
     check_tpu(words.shape, scales.shape)
-    *lead, w, n = words.shape
-    scales = scales[..., :w // 4, :]
-    codes = jnp.stack([_word_codes(words, j) for j in range(WORD)], axis=-2)  # [..., W, 8, N]
-    scale = jax.lax.bitcast_convert_type(scales, jnp.float8_e8m0fnu).astype(jnp.float32)  # [..., G, N]
-    values = e2m1_values(codes).reshape(*lead, w // 4, 4 * WORD, n) * scale[..., None, :]
-    return jnp.swapaxes(values.reshape(*lead, w * WORD, n), -1, -2).astype(dtype)
+    *lead, wp, n = words.shape
+    t = wp // WORD
+    w = words.reshape(*lead, t, 1, WORD, n)
+    codes = jnp.concatenate([_word_codes(w, j) for j in range(WORD)], axis=-3)  # [..., t, j, r, N]
+    scale = _block_scales(scales, t).reshape(*lead, t, 2, 1, 1, n)  # block 2t + (j >= 4)
+    values = e2m1_values(codes).reshape(*lead, t, 2, WORD // 2, WORD, n) * scale
+    out = jnp.swapaxes(values.reshape(*lead, wp * WORD, n), -1, -2)
+    return out[..., :wp * WORD if k is None else k].astype(dtype)
 
 
 def matvec_tpu(x: jax.Array, words: jax.Array, scales: jax.Array) -> jax.Array:
-    """:func:`matvec` for the TPU layout: words [G*4, N], scales [Gp, N]; x [K] -> float32 [N].
+    """:func:`matvec` for the TPU layout: words [Kp/8, N], scales [Gp, N]; x [K] -> float32 [N].
 
     N stays the minor (lane) dim throughout: the codes are decoded and reduced over the major dims
-    (words, then blocks), so XLA reads the words once, in their stored layout."""
+    (word rows, then blocks), so XLA reads the words once, in their stored layout."""
     check_tpu(words.shape, scales.shape)
-    w, n = words.shape
-    g = w // 4
-    xs = x.astype(jnp.float32).reshape(g, 4, WORD)  # value 8w + j, word w = 4 * block + q
-    b = words.reshape(g, 4, n)
-    terms = sum(e2m1_values(_word_codes(b, j)) * xs[:, :, j, None] for j in range(WORD))  # [G, 4, N]
-    scale = jax.lax.bitcast_convert_type(scales[:g], jnp.float8_e8m0fnu).astype(jnp.float32)
-    return jnp.sum(jnp.sum(terms, axis=1) * scale, axis=0)
+    wp, n = words.shape
+    if not fits_tpu(x.shape[0], wp * WORD):
+        raise ValueError(f"MXFP4 TPU matvec: x [{x.shape[0]}] does not match words {tuple(words.shape)}")
+    t = wp // WORD
+    xs = jnp.pad(x.astype(jnp.float32), (0, wp * WORD - x.shape[0])).reshape(t, 2, WORD // 2, WORD)  # [t, h, j', r]
+    b = words.reshape(t, WORD, n)  # [t, r, N]
+    terms = [sum(e2m1_values(_word_codes(b, 4 * h + j)) * xs[:, h, j, :, None] for j in range(WORD // 2))
+             for h in range(2)]  # each [t, r, N]: the values of block 2t + h
+    scale = _block_scales(scales, t)
+    return jnp.sum(jnp.sum(terms[0], axis=1) * scale[:, 0] + jnp.sum(terms[1], axis=1) * scale[:, 1], axis=0)

@@ -38,7 +38,7 @@ def test_loading_in_the_tpu_layout_stores_words_that_convert_back(models, tiny_h
             words, scales = getattr(b, f"{name}_blocks")[...], getattr(b, f"{name}_scales")[...]
             assert words.dtype == jnp.uint32 and words.shape[-1] == getattr(a, f"{name}_scales").shape[1]  # N minor
             assert getattr(b, f"{name}_blocks").get_metadata()["out_sharding"][0] == "experts"
-            blocks, back = mxfp4.from_tpu(words, scales)
+            blocks, back = mxfp4.from_tpu(words, scales, k=getattr(a, f"{name}_scales").shape[-1] * mxfp4.BLOCK)
             np.testing.assert_array_equal(np.asarray(blocks), np.asarray(getattr(a, f"{name}_blocks")[...]))
             np.testing.assert_array_equal(np.asarray(back), np.asarray(getattr(a, f"{name}_scales")[...]))
     with pytest.raises(ValueError, match="expert_layout"):
@@ -50,7 +50,7 @@ def test_set_expert_layout_round_trips_abstract_and_concrete(tiny_cfg):
     set_expert_layout(model, "tpu")
     moe = model.layers[0].mlp
     g = tiny_cfg.hidden_size // 32
-    assert moe.gate_up_blocks.shape == (tiny_cfg.num_experts, g * 4, 2 * tiny_cfg.intermediate_size)
+    assert moe.gate_up_blocks.shape == (tiny_cfg.num_experts, mxfp4.tpu_word_rows(g * 32), 2 * tiny_cfg.intermediate_size)
     assert moe.gate_up_scales.shape == (tiny_cfg.num_experts, mxfp4.scale_rows(g), 2 * tiny_cfg.intermediate_size)
     set_expert_layout(model, "checkpoint")
     assert moe.gate_up_blocks.shape == (tiny_cfg.num_experts, 2 * tiny_cfg.intermediate_size, g, 16)

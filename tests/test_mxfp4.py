@@ -94,11 +94,16 @@ def test_packed_size_is_4_25_bits_per_value():
 def test_tpu_layout_round_trips_and_decodes_to_the_same_matrix():
     """to_tpu / from_tpu (NumPy and JAX) are inverse and agree; the TPU layout decodes to the same matrix
     (every byte value, every scale), its padded scale rows are zero; matvec_tpu equals the dense product
-    within float32 summation rounding."""
+    within float32 summation rounding. K = 64 fills one group of 8 word rows; K = 96 is padded to 128."""
     blocks, scales = _every_byte_and_scale()  # [3, 10, 2, 16]: N = 10, K = 64
     words, st = mxfp4.to_tpu(blocks, scales, xp=np)
     assert words.dtype == np.uint32 and words.shape == (3, 8, 10) and st.shape == (3, mxfp4.SCALE_ROWS, 10)
-    assert np.all(st[:, 2:] == 0)
+    half = mxfp4.SCALE_ROWS // 2  # even blocks in rows 0.., odd blocks from row 16
+    np.testing.assert_array_equal(st[:, [0, half]], np.swapaxes(scales, -1, -2))
+    assert np.all(np.delete(st, [0, half], axis=1) == 0)
+    # nibble j of word row r (one group: t = 0) is value 8j + r
+    codes = np.stack([blocks & 0xF, blocks >> 4], -1).reshape(3, 10, 64)
+    np.testing.assert_array_equal((words[:, 3, :] >> 20) & 0xF, codes[:, :, 8 * 5 + 3])
     wj, sj = mxfp4.to_tpu(jnp.asarray(blocks), jnp.asarray(scales))
     np.testing.assert_array_equal(np.asarray(wj), words)
     np.testing.assert_array_equal(np.asarray(sj), st)
@@ -115,3 +120,19 @@ def test_tpu_layout_round_trips_and_decodes_to_the_same_matrix():
     assert np.all(np.abs(np.asarray(mxfp4.matvec_tpu(jnp.asarray(x), wj[1], sj[1])) - exact) <= bound)
     with pytest.raises(ValueError, match="TPU words"):
         mxfp4.unpack_tpu(wj, sj[:, :1])
+
+    b3 = np.concatenate([blocks, blocks[:, :, :1]], axis=2)  # K = 96: three blocks, padded to 128 values
+    s3 = np.concatenate([scales, scales[:, :, :1] + 1], axis=2)
+    w3, t3 = mxfp4.to_tpu(jnp.asarray(b3), jnp.asarray(s3))
+    assert w3.shape == (3, 16, 10) and mxfp4.dims(w3.shape, t3.shape) == (10, 128) and mxfp4.fits_tpu(96, 128)
+    dense3 = mxfp4.unpack_np(b3, s3)
+    np.testing.assert_array_equal(np.asarray(mxfp4.unpack_tpu(w3, t3, jnp.float32, 96)), dense3)
+    np.testing.assert_array_equal(np.asarray(mxfp4.unpack_tpu(w3, t3, jnp.float32))[..., 96:], 0)
+    back = mxfp4.from_tpu(w3, t3, k=96)
+    np.testing.assert_array_equal(np.asarray(back[0]), b3)
+    np.testing.assert_array_equal(np.asarray(back[1]), s3)
+    x3 = np.random.default_rng(2).standard_normal(96).astype(np.float32)
+    bound = 97 * 2.0 ** -24 * (np.abs(dense3[0]).astype(np.float64) @ np.abs(x3))
+    assert np.all(np.abs(np.asarray(mxfp4.matvec_tpu(jnp.asarray(x3), w3[0], t3[0])) - dense3[0] @ x3) <= bound)
+    with pytest.raises(ValueError, match="do not fill"):
+        mxfp4.from_tpu(w3, t3, k=160)

@@ -65,6 +65,36 @@ def test_kernel_matches_exact_products(backend, layout, dtype, transposed):
     assert np.all(ours[3 * BSZ:] == 0)  # the padding block reads nothing and writes zeros
 
 
+@pytest.mark.parametrize("k,slabs", [(192, 3), (96, 1)])
+def test_tpu_kernel_reads_slabs_and_padded_contractions(k, slabs):
+    """The TPU kernel on TPU-layout weights takes its rows as slabs [S, M, K/S] (the fused gate_up's output
+    form, :func:`mxfp4_gmm.slabs`) as well as [M, K], within the float32 bound of the exact products; K = 96
+    is padded to 128 in the words (zero codes) and the transposed product returns the real 96 columns.
+    The gradient through the slabs is the slabs of the row-major one (the same transposed product)."""
+    rng = np.random.default_rng(3)
+    blocks, scales = _weights(rng, k=k)
+    w = mxfp4.unpack_np(blocks, scales, np.float64)
+    words, st = mxfp4.to_tpu(blocks, scales)
+    assert mxfp4.dims(words.shape, st.shape) == (N, -(-k // 64) * 64)
+    block_expert = jnp.array([0, 2, 2, 3], jnp.int32)
+    a = jnp.asarray(rng.standard_normal((4 * BSZ, k)), jnp.float32)
+    exact, scale = _exact(np.asarray(a), w, block_expert, False)
+    kw = dict(bsz=BSZ, backend=mxfp4_gmm.TPU, interpret=True)
+    for x in (a, mxfp4_gmm.slabs(a, slabs)):
+        ours = np.asarray(mxfp4_gmm.gmm(x, words, st, block_expert, **kw))
+        assert np.all(np.abs(ours - exact) <= (k + 1) * U * scale) and np.all(ours[3 * BSZ:] == 0)
+    dy = jnp.asarray(rng.standard_normal((4 * BSZ, N)), jnp.float32)
+    dx = np.asarray(mxfp4_gmm.gmm_t(dy, words, st, block_expert, k=k, **kw))
+    exact_t, scale_t = _exact(np.asarray(dy), w, block_expert, True)
+    assert dx.shape == (4 * BSZ, k) and np.all(np.abs(dx - exact_t) <= (N + 1) * U * scale_t)
+    f = lambda x: jnp.sum(mxfp4_gmm.grouped_matmul(x, words, st, block_expert, BSZ, mxfp4_gmm.TPU, True, None, None,  # noqa: E731
+                                                   jnp.float32) * dy)
+    np.testing.assert_array_equal(np.asarray(jax.grad(f)(mxfp4_gmm.slabs(a, slabs))),
+                                  np.asarray(mxfp4_gmm.slabs(jax.grad(f)(a), slabs)))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mxfp4_gmm.gmm(mxfp4_gmm.slabs(a, 6 if k == 192 else 3), words, st, block_expert, **kw)
+
+
 def test_gpu_kernel_rejects_the_tpu_layout():
     blocks, scales = mxfp4.to_tpu(*_weights(np.random.default_rng(0)))
     with pytest.raises(ValueError, match="TPU kernel only"):

@@ -17,16 +17,19 @@ VMEM / registers and feeds the matrix unit. Nothing dense of the weights is ever
 - :func:`gmm_swiglu` (TPU): gate_up with its bias and the clamped SwiGLU in the kernel's epilogue
   (interleaved gate / up columns [.., 2I] -> [.., I]: each N tile's even lanes packed by lane rotations).
 
-TPU weights may come in the TPU layout (:func:`gptoss_jax.mxfp4.to_tpu`: words u32 [E, K/8, N], scales
-u8 [E, K/32, N], N minor, stored so at load time) instead of the checkpoint's u8 blocks, which the TPU
-kernel converts to that layout inside each call (a full pass over all experts' bytes).
+TPU weights may come in the TPU layout (:func:`gptoss_jax.mxfp4.to_tpu`: words u32 [E, Kp/8, N], scales
+u8 [E, K/32 rounded up to 32, N], N minor, stored so at load time) instead of the checkpoint's u8 blocks,
+which the TPU kernel converts to that layout inside each call (a full pass over all experts' bytes).
 
-Decoding without in-kernel reshapes: a weight word holds P codes (TPU: u32 words, P = 8; GPU: bytes,
-P = 2); code j of word w is element ``P*w + j`` of the row. The activations are split outside the kernel
-into P strided planes ``x[:, j::P]`` (a permutation of activations), so ``x @ W^T = sum_j x_j @ W_j^T``
-where W_j holds code j of each word, decoded in place. The TPU kernel expands the per-32 scale to
-words with a 0/1 matmul (exact: one power of two per column). Products and sums are those of a
-float32 (or bf16-in, float32-accumulate) matmul, so results match the exact path up to summation order.
+Decoding without in-kernel gathers. TPU: nibble j of word row 8t + r holds value 64t + 8j + r, so the 8
+decoded planes of a tile of word rows stack into the weight matrix in natural order by moving whole
+(8, 128) tiles, and the kernel reads activation rows [bsz, K] as they are (or the slabs [S, bsz, K/S] the
+fused gate_up + SwiGLU writes, :func:`slabs`: no relayout between the projections); each scale row is
+broadcast to its 8 word rows (even blocks' scales first, then the odd ones'). GPU and CPU: a weight byte
+holds 2 codes, element ``2w + j`` of the row in nibble j; the activations are split outside the kernel
+into 2 strided planes ``x[:, j::2]``, so ``x @ W^T = sum_j x_j @ W_j^T`` where W_j holds code j of each
+byte, decoded in place. Products and sums are those of a float32 (or bf16-in, float32-accumulate)
+matmul, so results match the exact path up to summation order.
 
 TPU grid (N tiles, row blocks) with the block axis innermost: consecutive blocks of one expert keep
 the same weight block index, so Mosaic's pipeline does not fetch it again: each selected expert's
@@ -91,23 +94,33 @@ def _dma_indices(block_expert: jax.Array, num_experts: int):
 # ---------------------------------------------------------------- TPU (Mosaic)
 
 def tpu_words(blocks: jax.Array, scales: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The TPU kernel's weight form: (words u32 [E, G*4, N], scales u8 [E, Gp, N]) (:func:`mxfp4.to_tpu`);
+    """The TPU kernel's weight form: (words u32 [E, Kp/8, N], scales u8 [E, Gp, N]) (:func:`mxfp4.to_tpu`);
     weights already in it are returned as they are. TPU HBM layouts keep the output dim N in the lanes
     for these shapes (no padding); the u8 [E, N, G, 16] checkpoint blocks are converted in the call."""
     return (blocks, scales) if mxfp4.is_tpu(blocks) else mxfp4.to_tpu(blocks, scales)
 
 
-def _tpu_weight_planes(w_ref, s_ref, dtype):
-    """The tile's 8 decoded planes [W, tn] (dtype): code j of each word times its block's scale."""
-    words = jax.lax.bitcast_convert_type(w_ref[0], jnp.int32)  # [W, tn]
-    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [G, tn]
-    w, g = words.shape[0], sc.shape[0]
-    wi = jax.lax.broadcasted_iota(jnp.int32, (w, g), 0)
-    gi = jax.lax.broadcasted_iota(jnp.int32, (w, g), 1)
-    expand = ((wi >= gi * 4) & (wi < gi * 4 + 4)).astype(jnp.float32)  # [W, G]: word w is in block w // 4 (rows past W/4: none)
-    scale = _dot(expand, sc, ((1,), (0,)), jnp.float32)  # [W, tn], exact
-    for j in range(8):
-        yield (mxfp4.e2m1_values(_codes(words, j)) * scale).astype(dtype)
+def _tpu_word_scales(s_ref) -> tuple[jax.Array, jax.Array]:
+    """The tile's scales u8 [1, Gp, tn] (TPU layout: even blocks, then odd) -> the float32 scale of every word
+    row's nibbles 0-3 and of its nibbles 4-7, each [Gp/2 * 8, tn]: each scale row broadcast to the 8 word
+    rows (one sublane tile) of its group."""
+    sc = _e8m0(s_ref[0].astype(jnp.int32))  # [Gp, tn]
+    gh, tn = sc.shape[0] // 2, sc.shape[1]
+    return tuple(jnp.broadcast_to(sc[h * gh:(h + 1) * gh][:, None, :], (gh, mxfp4.WORD, tn)).reshape(gh * mxfp4.WORD, tn)
+                 for h in range(2))
+
+
+def _tpu_dense(w_ref, scales, r0: int, nr: int, dtype) -> jax.Array:
+    """Word rows [r0, r0 + nr) of the tile (multiples of 8) decoded -> [8 * nr, tn] ``dtype``: values
+    8*r0 .. 8*(r0 + nr) - 1 of the contraction in natural order. Nibble j of word row 8t + r is value
+    64t + 8j + r (:func:`mxfp4.to_tpu`), so the 8 decoded planes [nr, tn] stack into the matrix by moving
+    whole (8, 128) tiles: [nr/8, 8, tn] each, stacked on axis 1, then merged."""
+    words = jax.lax.bitcast_convert_type(w_ref[0, r0:r0 + nr, :], jnp.int32)  # [nr, tn]
+    lo, hi = (s[r0:r0 + nr] for s in scales)
+    tn = words.shape[1]
+    planes = [(mxfp4.e2m1_values(_codes(words, j)) * (lo if j < 4 else hi)).reshape(nr // 8, 1, 8, tn)
+              for j in range(mxfp4.WORD)]
+    return jnp.concatenate(planes, axis=1).reshape(nr * mxfp4.WORD, tn).astype(dtype)
 
 
 def clamped_swiglu(gate: jax.Array, up: jax.Array, alpha: float, limit: float) -> jax.Array:
@@ -148,9 +161,13 @@ def _tpu_fwd_kernel(be_ref, eid_ref, xb_ref, x_ref, w_ref, s_ref, *refs, num_exp
 
     @pl.when(be_ref[pl.program_id(1)] < num_experts)
     def _():
-        acc = jnp.zeros((o_ref.shape[-2], w_ref.shape[-1]), jnp.float32)
-        for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
-            acc += _dot(x_ref[j], wj, ((1,), (0,)), dtype)
+        scales = _tpu_word_scales(s_ref)
+        slabs, width = x_ref.shape[0], x_ref.shape[2]  # x block [S, bsz, K/S]: slab s holds values s*K/S ..
+        nr = mxfp4.tpu_word_rows(width)
+        acc = jnp.zeros((x_ref.shape[1], w_ref.shape[-1]), jnp.float32)
+        for s in range(slabs):
+            w = _tpu_dense(w_ref, scales, s * nr, nr, dtype)
+            acc += _dot(x_ref[s], w if w.shape[0] == width else w[:width], ((1,), (0,)), dtype)
         if b_ref:  # the block's expert's bias [1, tn], added in float32, then one rounding
             acc += b_ref[0][0].astype(jnp.float32)
         if activation is None:
@@ -170,9 +187,9 @@ def _tpu_bwd_kernel(be_ref, eid_ref, xb_ref, dy_ref, w_ref, s_ref, o_ref, *, num
 
     @pl.when(be_ref[pl.program_id(0)] < num_experts)
     def _():
-        dy = dy_ref[...]
-        for j, wj in enumerate(_tpu_weight_planes(w_ref, s_ref, dtype)):
-            o_ref[j] += _dot(dy, wj, ((1,), (1,)), dtype)
+        k = o_ref.shape[1]
+        w = _tpu_dense(w_ref, _tpu_word_scales(s_ref), 0, w_ref.shape[1], dtype)
+        o_ref[...] += _dot(dy_ref[...], w if w.shape[0] == k else w[:k], ((1,), (1,)), dtype)
 
 
 def _tile(n: int, cap: int = 1024) -> int:
@@ -181,20 +198,24 @@ def _tile(n: int, cap: int = 1024) -> int:
 
 
 def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None,
-              out_dtype=jnp.float32, activation=None):
+              out_dtype=jnp.float32, activation=None, k=None):
+    """fwd: a [M, K] or slabs [S, M, K/S] (:func:`slabs`); bwd: dy [M, N] -> float32 [M, k]. With
+    ``activation`` the output is the SwiGLU slabs [N/tn, M, tn/2]."""
     from jax.experimental.pallas import tpu as pltpu
 
     words, scales = tpu_words(blocks, scales)
     e, w, n = words.shape
-    g, k = scales.shape[1], w * mxfp4.WORD  # g: the scale rows (blocks padded to a multiple of 32)
+    g = scales.shape[1]  # the scale rows (blocks padded to a multiple of 32)
     nb = block_expert.shape[0]
     tn = _tile(n)
     eid, xblk = _dma_indices(block_expert, e)
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
     if kind == "fwd":
-        x = _planes(a.astype(dtype), 8)  # [8, M, W]
+        x = a.astype(dtype)
+        x = x[None] if x.ndim == 2 else x  # [S, M, K/S]
+        k = x.shape[0] * x.shape[2]
         grid = (n // tn, nb)
-        in_specs = [pl.BlockSpec((8, bsz, w), lambda j, b, be, ei, xb: (0, xb[b], 0)),
+        in_specs = [pl.BlockSpec((x.shape[0], bsz, x.shape[2]), lambda j, b, be, ei, xb: (0, xb[b], 0)),
                     pl.BlockSpec((1, w, tn), lambda j, b, be, ei, xb: (ei[b], 0, j)),
                     pl.BlockSpec((1, g, tn), lambda j, b, be, ei, xb: (ei[b], 0, j))]
         if bias is not None:  # [E, 1, N]: the block's expert's row of each N tile
@@ -210,29 +231,39 @@ def _tpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize * (n // tn)
     else:
         x = a.astype(dtype)  # dy [M, N]
+        k = w * mxfp4.WORD if k is None else k
         grid = (nb, n // tn)
         spec = pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3, grid=grid,
             in_specs=[pl.BlockSpec((bsz, tn), lambda b, j, be, ei, xb: (xb[b], j)),
                       pl.BlockSpec((1, w, tn), lambda b, j, be, ei, xb: (ei[b], 0, j)),
                       pl.BlockSpec((1, g, tn), lambda b, j, be, ei, xb: (ei[b], 0, j))],
-            out_specs=pl.BlockSpec((8, bsz, w), lambda b, j, be, ei, xb: (0, b, 0)))
-        params = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=100 * 2**20)
+            out_specs=pl.BlockSpec((bsz, k), lambda b, j, be, ei, xb: (b, 0)))
         kernel = functools.partial(_tpu_bwd_kernel, num_experts=e, dtype=dtype)
-        out_shape = jax.ShapeDtypeStruct((8, nb * bsz, w), jnp.float32)
+        out_shape = jax.ShapeDtypeStruct((nb * bsz, k), jnp.float32)
         flops, nbytes = 2 * nb * bsz * n * k, x.size * x.dtype.itemsize
     # weights: forward fetches each selected expert once (at most min(E, blocks, real rows)); the transposed
     # product once per block
     fetched = min(e, nb, rows or nb) if kind == "fwd" else nb
     nbytes += (words.size * 4 + scales.size) // e * fetched + out_shape.size * jnp.dtype(out_shape.dtype).itemsize
-    out = pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
-                         interpret=interpret, name=f"mxfp4_gmm_{kind}",
-                         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
-                         )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales,
-                           *(() if bias is None else (bias.reshape(e, 1, n),)))
-    if activation is not None:  # [n/tn, M, tn/2] -> [M, n/2]
-        return jnp.moveaxis(out, 0, 1).reshape(nb * bsz, n // 2)
-    return out if kind == "fwd" else _unplanes(out)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec, compiler_params=params,
+                          interpret=interpret, name=f"mxfp4_gmm_{kind}",
+                          cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
+                          )(block_expert.astype(jnp.int32), eid, xblk, x, words, scales,
+                            *(() if bias is None else (bias.reshape(e, 1, n),)))
+
+
+def slabs(x: jax.Array, s: int) -> jax.Array:
+    """x [M, K] -> [s, M, K/s], slab i = columns i*K/s .. (i+1)*K/s - 1 (the form :func:`gmm_swiglu` returns
+    with ``as_slabs`` and the TPU kernel reads as it is)."""
+    m, k = x.shape
+    return jnp.moveaxis(x.reshape(m, s, k // s), 1, 0)
+
+
+def unslab(x: jax.Array) -> jax.Array:
+    """[s, M, K/s] -> [M, K] (inverse of :func:`slabs`)."""
+    s, m, w = x.shape
+    return jnp.moveaxis(x, 0, 1).reshape(m, s * w)
 
 
 # ---------------------------------------------------------------- GPU (Triton)
@@ -382,6 +413,8 @@ def _cpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
 # ---------------------------------------------------------------- entry points
 
 def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
+    """(N, K) of the weights, after checking x [nb*bsz, K] (forward; on TPU also slabs [S, nb*bsz, K/S]) or
+    dy [nb*bsz, N] against them (TPU layout: K may be padded to the words' Kp)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown MXFP4 kernel backend {backend!r}; choose one of {BACKENDS}")
     if mxfp4.is_tpu(blocks) and backend != TPU:
@@ -389,10 +422,15 @@ def _check(x, blocks, scales, block_expert, bsz, backend, transposed):
                          f"not {backend!r}: keep the checkpoint layout off TPU (gptoss_jax.mxfp4.from_tpu)")
     n, k = mxfp4.dims(blocks.shape, scales.shape)
     e = scales.shape[0]
-    want = n if transposed else k
-    if x.ndim != 2 or x.shape[0] != block_expert.shape[0] * bsz or x.shape[1] != want:
+    ndim = 3 if backend == TPU and not transposed else 2
+    got = n if transposed else x.shape[-1] * (x.shape[0] if x.ndim == 3 else 1)
+    fits = got == n if transposed else (mxfp4.fits_tpu(got, k) if mxfp4.is_tpu(blocks) else got == k)
+    if x.ndim not in (2, ndim) or x.shape[-2] != block_expert.shape[0] * bsz or not fits \
+            or (x.ndim == 3 and x.shape[0] > 1 and x.shape[2] % mxfp4.GROUP):
         raise ValueError(f"MXFP4 grouped matmul: rows {x.shape} must be [{block_expert.shape[0]} blocks x {bsz}, "
-                         f"{want}] for weights [{e}, {n}, {k}]")
+                         f"{n if transposed else k}]" + (" (or slabs of a multiple of 64 columns)" if ndim == 3 else "")
+                         + f" for weights [{e}, {n}, {k}]")
+    return n, (got if not transposed else k)
 
 
 def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False,
@@ -401,16 +439,18 @@ def gmm(x, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: b
     x @ W_e^T, plus ``bias`` [E, N] row e (None: none) in float32 before the one rounding to
     ``out_dtype``; padding blocks give zeros. ``rows``: real (non-padding) rows, if known: bounds the
     distinct experts in the TPU cost estimate."""
-    _check(x, blocks, scales, block_expert, bsz, backend, False)
-    e, n = scales.shape[0], mxfp4.dims(blocks.shape, scales.shape)[0]
+    e, (n, _) = scales.shape[0], _check(x, blocks, scales, block_expert, bsz, backend, False)
     if bias is not None and bias.shape != (e, n):
         raise ValueError(f"MXFP4 grouped matmul: bias {bias.shape} must be [{e}, {n}]")
     return _CALLS[backend]("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, out_dtype)
 
 
-def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False):
-    """dy [nb*bsz, N] -> float32 [nb*bsz, K]; dy @ W_e per block (the transposed product, for dx)."""
+def gmm_t(dy, blocks, scales, block_expert, *, bsz: int, backend: str, interpret: bool = False, k: int | None = None):
+    """dy [nb*bsz, N] -> float32 [nb*bsz, K]; dy @ W_e per block (the transposed product, for dx). ``k``: the
+    contraction size of weights in the TPU layout whose K is not a multiple of 64 (default: the words' Kp)."""
     _check(dy, blocks, scales, block_expert, bsz, backend, True)
+    if backend == TPU:
+        return _tpu_call("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret, k=k)
     return _CALLS[backend]("bwd", dy, blocks, scales, block_expert, bsz, dy.dtype, interpret)
 
 
@@ -427,14 +467,17 @@ def grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, row
 
 def _fwd(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, out_dtype):
     y = grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, out_dtype)
-    like = jnp.zeros((0,), x.dtype), None if bias is None else jnp.zeros((0,), bias.dtype)
+    # x's dtype and form ([0, K], or [S, 0, K/S] for slabs) ride as empty arrays
+    like = jnp.zeros((*x.shape[:-2], 0, x.shape[-1]), x.dtype), None if bias is None else jnp.zeros((0,), bias.dtype)
     return y, (blocks, scales, block_expert, like)
 
 
 def _bwd(bsz, backend, interpret, rows, out_dtype, res, dy):
     blocks, scales, block_expert, (like, bias_like) = res
-    dtype = like.dtype
-    dx = gmm_t(dy.astype(dtype), blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret)
+    dtype, s = like.dtype, (like.shape[0] if like.ndim == 3 else 1)
+    dx = gmm_t(dy.astype(dtype), blocks, scales, block_expert, bsz=bsz, backend=backend, interpret=interpret,
+               k=s * like.shape[-1])
+    dx = dx if like.ndim == 2 else slabs(dx, s)
     dbias = None
     if bias_like is not None:  # row e of the bias: the sum of dy over the rows of expert e's blocks
         e = scales.shape[0]
@@ -455,19 +498,22 @@ def gmm_bias(x, blocks, scales, bias, block_expert, *, bsz: int, backend: str = 
     return grouped_matmul(x, blocks, scales, block_expert, bsz, backend, interpret, rows, bias, x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def gmm_swiglu(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret=False, rows=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def gmm_swiglu(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret=False, rows=None, as_slabs=False):
     """The gate_up projection with the clamped SwiGLU in the TPU kernel's epilogue: x [nb*bsz, K], gate_up
     weights [E, 2I, K] (either layout; output columns interleaved: even = gate, odd = up), bias [E, 2I]
     -> [nb*bsz, I] in x's dtype, equal to ``moe.swiglu(gmm_bias(x, ...), alpha, limit)`` (the same float32
     sums, roundings and SwiGLU math) without the [rows, 2I] output or its gate / up halves in HBM.
+    ``as_slabs``: the kernel's own output form, [2I/tn, nb*bsz, tn/2] (:func:`slabs` of the above, one slab
+    per N tile), which the down projection's kernel reads without a relayout.
     Padding blocks give zeros. Differentiable in x and the bias (the backward recomputes gate_up unfused)."""
     _check(x, blocks, scales, block_expert, bsz, TPU, False)
     e, n = scales.shape[0], mxfp4.dims(blocks.shape, scales.shape)[0]
     if bias.shape != (e, n) or n % 2:
         raise ValueError(f"MXFP4 gate_up + SwiGLU: bias {bias.shape} must be [{e}, {n}] with an even {n}")
-    return _tpu_call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, x.dtype,
-                     (alpha, limit))
+    out = _tpu_call("fwd", x, blocks, scales, block_expert, bsz, x.dtype, interpret, rows, bias, x.dtype,
+                    (alpha, limit))
+    return out if as_slabs else unslab(out)
 
 
 def _swiglu_unfused(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows):
@@ -476,16 +522,16 @@ def _swiglu_unfused(x, blocks, scales, bias, block_expert, bsz, alpha, limit, in
                           alpha, limit).astype(x.dtype)
 
 
-def _swiglu_fwd(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows):
-    y = gmm_swiglu(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows)
+def _swiglu_fwd(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows, as_slabs):
+    y = gmm_swiglu(x, blocks, scales, bias, block_expert, bsz, alpha, limit, interpret, rows, as_slabs)
     return y, (x, blocks, scales, bias, block_expert)
 
 
-def _swiglu_bwd(bsz, alpha, limit, interpret, rows, res, dy):
+def _swiglu_bwd(bsz, alpha, limit, interpret, rows, as_slabs, res, dy):
     x, blocks, scales, bias, block_expert = res
     _, vjp = jax.vjp(lambda x, bias: _swiglu_unfused(x, blocks, scales, bias, block_expert, bsz, alpha, limit,
                                                      interpret, rows), x, bias)
-    dx, dbias = vjp(dy)
+    dx, dbias = vjp(unslab(dy) if as_slabs else dy)
     return dx, None, None, dbias, None
 
 

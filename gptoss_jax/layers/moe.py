@@ -25,7 +25,8 @@ block-grouped scan. :func:`kernel_choice` says which; ``GPTOSS_MOE_KERNEL`` over
 
 Packed experts have two storage layouts (``MoE.expert_layout``; the code dispatches on the blocks'
 dtype): ``checkpoint`` (u8 blocks as above) and ``tpu`` (:func:`gptoss_jax.mxfp4.to_tpu`: u32 words
-``[E, in/8, out]`` and scales ``[E, in/32, out]``, the output dim minor), which TPU HBM holds without
+``[E, in/8, out]`` (in padded to a multiple of 64) and scales ``[E, in/32 rounded up to 32, out]``, the
+output dim minor), which TPU HBM holds without
 padding and which the TPU kernel and the matrix-vector product read as stored. The loader picks ``tpu``
 for parameters placed on TPU devices (:func:`set_expert_layout`); CPU and GPU keep the checkpoint's.
 
@@ -35,6 +36,7 @@ row adds ``(x A_e) B_e`` for its own expert e inside the same gather / grouped p
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -102,12 +104,13 @@ def take_experts(a: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(a, ids, axis=0, mode="fill", fill_value=0)
 
 
-def _expert_weight(experts: dict, name: str, ids: jax.Array, dtype) -> jax.Array:
-    """Weights of ``name`` ('gate_up' | 'down') for expert ``ids``, as [.., out, in] in ``dtype``."""
+def _expert_weight(experts: dict, name: str, ids: jax.Array, dtype, d_in: int) -> jax.Array:
+    """Weights of ``name`` ('gate_up' | 'down') for expert ``ids``, as [.., out, d_in] in ``dtype``."""
     if f"{name}_blocks" in experts:
-        blocks, scales = experts[f"{name}_blocks"], experts[f"{name}_scales"]
-        unpack = mxfp4.unpack_tpu if mxfp4.is_tpu(blocks) else mxfp4.unpack
-        return unpack(take_experts(blocks, ids), take_experts(scales, ids), dtype)
+        blocks, scales = take_experts(experts[f"{name}_blocks"], ids), take_experts(experts[f"{name}_scales"], ids)
+        if mxfp4.is_tpu(blocks):
+            return mxfp4.unpack_tpu(blocks, scales, dtype, d_in)
+        return mxfp4.unpack(blocks, scales, dtype)
     return jnp.swapaxes(take_experts(experts[f"{name}_kernel"], ids), -1, -2).astype(dtype)
 
 
@@ -228,7 +231,7 @@ def _scan_blocks(xb, xl, experts, name, block_expert, prec):
         last, w_last = carry
         # a new expert: decode it; the same one again, or a padding block: keep the carried weight
         w = jax.lax.cond((eid == last) | (eid >= e), lambda: w_last,
-                         lambda: _expert_weight(experts, name, jnp.minimum(eid, e - 1), dtype))
+                         lambda: _expert_weight(experts, name, jnp.minimum(eid, e - 1), dtype, xb.shape[2]))
 
         def compute(_):
             y = jnp.einsum("li,oi->lo", rows, w, precision=prec, preferred_element_type=jnp.float32)
@@ -284,7 +287,7 @@ def _grouped_tpu_mlp(xs: jax.Array, experts: dict, sorted_ids: jax.Array, group_
     xb = jnp.take(xs, src, axis=0, mode="fill", fill_value=0)
 
     h = mxfp4_gmm.gmm_swiglu(xb, experts["gate_up_blocks"], experts["gate_up_scales"], experts["gate_up_bias"],
-                             block_expert, bsz, alpha, limit, interpret, xs.shape[0])
+                             block_expert, bsz, alpha, limit, interpret, xs.shape[0], True)  # slabs: down reads them
     y = mxfp4_gmm.gmm_bias(h, experts["down_blocks"], experts["down_scales"], experts["down_bias"], block_expert,
                            bsz=bsz, interpret=interpret, rows=xs.shape[0])
     return jnp.take(y, dest, axis=0, mode="fill", fill_value=0)
@@ -434,8 +437,9 @@ class MoE(nnx.Module):
             raise ValueError(f"expert layout must be one of {EXPERT_LAYOUTS}, got {layout!r}")
         if self.expert_layout in (None, layout):
             return
-        fn = mxfp4.to_tpu if layout == TPU_LAYOUT else mxfp4.from_tpu
+        in_dims = {"gate_up": self.down_bias.shape[-1], "down": self.gate_up_bias.shape[-1] // 2}  # H, I
         for name in ("gate_up", "down"):
+            fn = mxfp4.to_tpu if layout == TPU_LAYOUT else functools.partial(mxfp4.from_tpu, k=in_dims[name])
             bvar, svar = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
             out_ax, in_ax = svar.get_metadata()["out_sharding"][1:] if layout == TPU_LAYOUT else \
                 svar.get_metadata()["out_sharding"][:0:-1]
