@@ -163,27 +163,18 @@ def test_decode_rejects_a_bucket_shorter_than_the_sequences(model):
 
 
 @pytest.mark.slow
-def test_engine_tokens_across_bucket_changes_equal_the_whole_cache_engine(model):
+def test_engine_tokens_across_bucket_changes_equal_the_whole_cache_engine(model, compilations):
     """Greedy generations from prompts of 5, 15, 30 and 60 tokens, 80 new tokens each: every bucket from
     16 to 256 is crossed, and the tokens are those of the engine that reads the whole cache. Warmup
     compiles one decode program per bucket; the generation then compiles nothing."""
-    compiles = []
-
-    def listener(event, secs, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(secs)
-
     prompts = [prompt(20 + n, n) for n in (5, 15, 30, 60)]
     whole = Engine(model, max_batch=SLOTS, context=CONTEXT, prefill_chunk=CHUNK, kv_bucket_min=CONTEXT)
     want = whole.generate(prompts, GREEDY)
     engine = Engine(model, max_batch=SLOTS, context=CONTEXT, prefill_chunk=CHUNK, kv_bucket_min=SMALLEST)
     engine.warmup()
     assert engine.runner.compiled_buckets == set(decode_buckets(CONTEXT, SMALLEST))
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        got = engine.generate(prompts, GREEDY)
-        assert compiles == [], f"{len(compiles)} compilations after warmup"
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    compilations.clear()
+    got = engine.generate(prompts, GREEDY)
+    assert compilations == [], f"{len(compilations)} compilations after warmup"
     assert [len(t) for t in got] == [80] * 4
     assert got == want
