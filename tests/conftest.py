@@ -10,22 +10,6 @@ _DEVICES = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES}".strip()
 
-# One XLA compilation cache for the whole run, shared by the xdist workers and every process a test starts
-# (servers, the CLI, training runs: they inherit the environment): the same tiny-model programs are compiled
-# by many modules and processes, and each is compiled once. Made by the first process (the xdist controller)
-# in a fresh temporary folder, removed when it exits; a JAX_COMPILATION_CACHE_DIR already set is used as it is.
-# The cache's file lock (max size set) keeps concurrent writers and readers apart. Tests that assert that
-# nothing compiles count cache hits as compilations (the ``compilations`` fixture).
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
-
-    _cache = tempfile.mkdtemp(prefix="gptoss-jax-test-xla-cache-")
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-    os.environ.update({"JAX_COMPILATION_CACHE_DIR": _cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)})
-
 import pytest  # noqa: E402
 
 from convert.synthetic import write_random_checkpoint  # noqa: E402
@@ -119,7 +103,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def compilations():
     """A list that records every XLA compilation from here to the end of the test: backend compiles and
-    hits of the persistent compilation cache (a program not in the in-process cache, found on disk)."""
+    hits of a persistent compilation cache, if one is set (JAX_COMPILATION_CACHE_DIR: a program not in the
+    in-process cache, found on disk, is a compilation the in-process cache missed all the same)."""
     import jax
 
     seen = []
