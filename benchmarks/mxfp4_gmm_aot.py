@@ -3,12 +3,14 @@ gpt-oss-20b (packed experts, bf16 activations) through :mod:`gptoss_jax.kernels.
 
 Per case (decode batch 64, prefill 2,048 and 8,192 tokens; k = 4 of 32 experts, routing drawn uniformly
 with a fixed seed, as the compile cannot see the router):
-- weight bytes per call of both projections, from the kernels' schedules (TPU: the block axis is
-  innermost and a weight block whose index does not change is not fetched again, so each selected
-  expert is fetched once, in HBM tiles that pad lanes to 128; GPU: each (row block, N tile) program
-  streams its expert's tile from global memory, so a tile is loaded once per row block of its expert:
-  consecutive programs share it, which L2 can serve, not counted here), against distinct selected
-  experts x packed expert size;
+- weight bytes per call of both projections read from HBM, from the kernels' schedules, against
+  distinct selected experts x packed expert size. TPU: the block axis is innermost and a weight block
+  whose index does not change is not fetched again, so each selected expert is fetched once, in HBM
+  tiles that pad lanes to 128. GPU: one program per (run of one expert's row blocks, N tile) streams
+  the tile's stripe (tn x K/2 bytes + scales: 98 KB for the 20b) from HBM for the run's first block and
+  loads it again for each further block, from L2 (the stripe is loaded 'evict_last'; the stripes of
+  all programs resident at once, 132 SMs x a few, fit the 50 MB L2), so it counts once. The next
+  column counts every load of the GPU's stripes, L2 hits included (the figure before stop 24);
 - dense expert copies in the optimized HLO: any bf16 / f32 array whose shape holds an expert's [out, in]
   (or [in, out]) matrix;
 - the program's temp bytes (memory_analysis) and, on TPU, cost_analysis' bytes accessed.
@@ -52,16 +54,13 @@ def _device(target: str):
     return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=cfg).devices[0]
 
 
-def _weight_bytes(ids: np.ndarray, e: int, expert_bytes: int, backend: str) -> tuple[int, int]:
-    """(bytes the kernels read of both projections' weights, distinct experts x expert bytes)."""
+def _weight_bytes(ids: np.ndarray, e: int, expert_bytes: int, backend: str) -> tuple[int, int, int]:
+    """(bytes the kernels read from HBM of both projections' weights, bytes they load (GPU: L2 hits
+    included; TPU: the same), distinct experts x expert bytes)."""
     groups = np.bincount(ids.reshape(-1), minlength=e)
     distinct = int((groups > 0).sum())
-    if backend == mxfp4_gmm.TPU:
-        reads = distinct
-    else:
-        bsz = _block_size(ids.size, e, 16)
-        reads = int(np.sum(-(-groups // bsz)))
-    return reads * expert_bytes, distinct * expert_bytes
+    loads = distinct if backend == mxfp4_gmm.TPU else int(np.sum(-(-groups // _block_size(ids.size, e, 16))))
+    return distinct * expert_bytes, loads * expert_bytes, distinct * expert_bytes
 
 
 def _dense_copies(hlo: str, shapes: list[tuple[int, int]]) -> list[str]:
@@ -112,9 +111,9 @@ def main(argv=None):
     print(f"{args.target} {args.preset}: {e} experts, packed expert {expert_bytes / 2**20:.2f} MiB "
           f"(gate_up + down), kernel {backend}"
           + (f", TPU weights as {args.tpu_blocks}" if backend == mxfp4_gmm.TPU else ""))
-    print("| case | assignments | distinct experts | weight bytes / (distinct x expert) | dense expert copies in HLO "
-          "| temp MiB | HLO bytes accessed (TPU) |")
-    print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
+    print("| case | assignments | distinct experts | HBM weight bytes / (distinct x expert) | weight loads (L2 hits "
+          "included) / (distinct x expert) | dense expert copies in HLO | temp MiB | HLO bytes accessed (TPU) |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     rng = np.random.default_rng(0)
     for case, tokens in CASES.items():
         ids = np.stack([rng.choice(e, k, replace=False) for _ in range(tokens)]).astype(np.int32)
@@ -124,12 +123,12 @@ def main(argv=None):
                            spec((tokens, k), jnp.bfloat16), experts).compile()
         hlo = compiled.as_text()
         assert "mxfp4_gmm_fwd" in hlo, "the kernel is not in the compiled program"
-        reads, ideal = _weight_bytes(ids, e, expert_bytes, backend)
-        reads = int(reads * pad)
+        reads, loads, ideal = _weight_bytes(ids, e, expert_bytes, backend)
+        reads, loads = int(reads * pad), int(loads * pad)
         copies = _dense_copies(hlo, [(2 * i, h), (h, i)])
         cost = compiled.cost_analysis() if backend == mxfp4_gmm.TPU else None
         accessed = f"{cost['bytes accessed'] / 2**20:.0f} MiB" if cost else "n/a"
-        print(f"| {case} | {ids.size} | {ideal // expert_bytes} | {reads / ideal:.2f} | "
+        print(f"| {case} | {ids.size} | {ideal // expert_bytes} | {reads / ideal:.2f} | {loads / ideal:.2f} | "
               f"{', '.join(copies) or 'none'} | {compiled.memory_analysis().temp_size_in_bytes / 2**20:.1f} | {accessed} |")
 
 

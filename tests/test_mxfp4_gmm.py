@@ -131,19 +131,30 @@ def test_tpu_layout_experts_equal_the_checkpoint_layout(path, kernel):
         assert float(jnp.abs(want).max()) > 0
 
 
-@pytest.mark.parametrize("block_expert", [[3, 3, 3], [1, 1, 1, 3], [0, 1, 2]])
-def test_cpu_kernel_visits_every_real_block_and_no_padding(block_expert):
-    """The CPU kernel's loops (experts that own blocks, then their blocks): no real block at all, one expert
-    over every real block, and one block per expert, against the exact products (padding blocks zero)."""
+@pytest.mark.parametrize("backend", [mxfp4_gmm.CPU, mxfp4_gmm.GPU])
+@pytest.mark.parametrize("block_expert", [[3, 3, 3], [1, 1, 1, 3], [0, 1, 2], [0, 0, 2, 2, 2, 3, 3]])
+def test_kernel_runs_visit_every_real_block_and_zero_the_padding(backend, block_expert):
+    """The CPU loops and the GPU programs go over runs of blocks of one expert (one GPU program per run and
+    N tile, or K group, looping over the run's blocks): no real block at all, one expert over every real
+    block, one block per expert, and runs of 2 and 3 blocks then 2 padding blocks, against the exact
+    products; padding blocks are zero (the GPU interpreter starts its output buffer as NaN)."""
     rng = np.random.default_rng(6)
     blocks, scales = _weights(rng)
     w = mxfp4.unpack_np(blocks, scales, np.float64)
     be = jnp.asarray(block_expert, jnp.int32)
     for fn, width, transposed in ((mxfp4_gmm.gmm, K, False), (mxfp4_gmm.gmm_t, N, True)):
         a = jnp.asarray(rng.standard_normal((be.shape[0] * BSZ, width)), jnp.float32)
-        ours = np.asarray(fn(a, blocks, scales, be, bsz=BSZ, backend=mxfp4_gmm.CPU))
+        ours = np.asarray(fn(a, blocks, scales, be, bsz=BSZ, backend=backend, interpret=True))
         exact, scale = _exact(np.asarray(a), w, be, transposed)
         assert np.all(np.abs(ours - exact) <= (width + 1) * U * scale)
+        assert np.all(ours[np.repeat(np.asarray(block_expert) >= E, BSZ)] == 0)
+
+
+def test_expert_runs():
+    runs = mxfp4_gmm._expert_runs(jnp.asarray([0, 0, 2, 2, 2, 3, 3], jnp.int32), 3)
+    np.testing.assert_array_equal(np.asarray(runs), [[0, 2, 5, 7], [2, 5, 7, 7], [0, 2, 3, 3]])
+    runs = mxfp4_gmm._expert_runs(jnp.asarray([1, 7], jnp.int32), 3)  # ids past E: padding; S = min(E + 1, nb)
+    np.testing.assert_array_equal(np.asarray(runs), [[0, 1], [1, 2], [1, 3]])
 
 
 def test_kernel_rejects_mismatched_rows():

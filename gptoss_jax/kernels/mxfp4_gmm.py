@@ -33,8 +33,10 @@ matmul, so results match the exact path up to summation order.
 
 TPU grid (N tiles, row blocks) with the block axis innermost: consecutive blocks of one expert keep
 the same weight block index, so Mosaic's pipeline does not fetch it again: each selected expert's
-packed bytes are read once per call. GPU grid (row blocks, N tiles): each program streams its
-expert's N tile group by group (16 bytes = 32 values per step). CPU: a loop over the experts that own
+packed bytes are read once per call. GPU grid (runs, N tiles), a run being one expert's consecutive
+blocks (:func:`_expert_runs`, the padding blocks one more run): each program streams its expert's N tile
+group by group (16 bytes = 32 values per step) for each block of its run in turn, so the tile's stripe
+comes from HBM once per call and its repeats from L2 (loaded 'evict_last'). CPU: a loop over the experts that own
 blocks decodes each once per call into its two nibble planes (the same plane split of the activations),
 and an inner loop over that expert's blocks runs their products; no padding block is computed.
 """
@@ -45,6 +47,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
 from gptoss_jax import mxfp4
 
@@ -269,62 +272,98 @@ def unslab(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------- GPU (Triton)
 
 def _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype):
-    """Group gi of rows ``rows_n`` of expert eid: the (low, high) nibble planes [tn, 16] in dtype."""
-    byte = blocks_ref[eid, rows_n, gi, :].astype(jnp.int32)  # [tn, 16]
-    sc = _e8m0(scales_ref[eid, rows_n, gi].astype(jnp.int32))[:, None]  # [tn, 1]
+    """Group gi of rows ``rows_n`` of expert eid: the (low, high) nibble planes [tn, 16] in dtype. Loaded
+    with L2 eviction priority 'evict_last': the program reads the same tile again for each further row
+    block of its expert (the activations stream with the default policy)."""
+    byte = pltr.load(blocks_ref.at[eid, rows_n, gi, :], eviction_policy="evict_last").astype(jnp.int32)  # [tn, 16]
+    sc = _e8m0(pltr.load(scales_ref.at[eid, rows_n, gi], eviction_policy="evict_last").astype(jnp.int32))[:, None]
     return tuple((mxfp4.e2m1_values(_codes(byte, j)) * sc).astype(dtype) for j in range(2))
 
 
-def _gpu_fwd_kernel(be_ref, x_ref, blocks_ref, scales_ref, *refs, num_experts, bsz, tn, dtype):
+def _expert_runs(block_expert: jax.Array, num_experts: int) -> jax.Array:
+    """Blocks sorted by expert (ids [nb], ascending, >= E: padding, last) -> int32 [3, S], S = min(E + 1, nb):
+    per run of equal ids its first block, the block past its end and its id (E: the padding run); unused
+    slots are empty runs (nb, nb, E)."""
+    nb = block_expert.shape[0]
+    be = jnp.minimum(block_expert.astype(jnp.int32), num_experts)
+    first = jnp.concatenate([jnp.ones((1,), bool), be[1:] != be[:-1]])
+    starts = jnp.nonzero(first, size=min(num_experts + 1, nb), fill_value=nb)[0].astype(jnp.int32)
+    ids = jnp.where(starts < nb, be[jnp.minimum(starts, nb - 1)], num_experts)
+    ends = jnp.where(starts < nb, jnp.searchsorted(be, ids, side="right"), nb).astype(jnp.int32)
+    return jnp.stack([starts, ends, ids])
+
+
+def _gpu_run(run_ref, num_experts):
+    """This program's run of blocks: (first block, end, expert id clipped to a real one, whether it is real)."""
+    r = pl.program_id(0)
+    eid = run_ref[2, r]
+    return run_ref[0, r], run_ref[1, r], jnp.minimum(eid, num_experts - 1), eid < num_experts
+
+
+def _gpu_fwd_kernel(run_ref, x_ref, blocks_ref, scales_ref, *refs, num_experts, bsz, tn, dtype):
     *b_ref, o_ref = refs  # b_ref: [bias [E, N]] or []
-    b, nt = pl.program_id(0), pl.program_id(1)
-    eid = be_ref[b]
-    valid = eid < num_experts
-    eid = jnp.minimum(eid, num_experts - 1)
-    rows, rows_n = pl.ds(b * bsz, bsz), pl.ds(nt * tn, tn)
+    start, end, eid, valid = _gpu_run(run_ref, num_experts)
+    rows_n = pl.ds(pl.program_id(1) * tn, tn)
 
-    def step(gi, acc):
-        lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
-        acc += _dot(x_ref[0, rows, gi, :], lo, ((1,), (1,)), dtype)
-        return acc + _dot(x_ref[1, rows, gi, :], hi, ((1,), (1,)), dtype)
+    def block(b, carry):
+        rows = pl.ds(b * bsz, bsz)
 
-    @pl.when(valid)
-    def _():
+        def step(gi, acc):
+            lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
+            acc += _dot(x_ref[0, rows, gi, :], lo, ((1,), (1,)), dtype)
+            return acc + _dot(x_ref[1, rows, gi, :], hi, ((1,), (1,)), dtype)
+
         acc = jax.lax.fori_loop(0, blocks_ref.shape[2], step, jnp.zeros((bsz, tn), jnp.float32))
         if b_ref:
             acc += b_ref[0][eid, rows_n].astype(jnp.float32)[None, :]
         o_ref[rows, rows_n] = acc.astype(o_ref.dtype)
+        return carry
 
-    @pl.when(jnp.logical_not(valid))
-    def _():
-        o_ref[rows, rows_n] = jnp.zeros((bsz, tn), o_ref.dtype)
-
-
-def _gpu_bwd_kernel(be_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
-    b, gi = pl.program_id(0), pl.program_id(1)
-    eid = be_ref[b]
-    valid = eid < num_experts
-    eid = jnp.minimum(eid, num_experts - 1)
-    rows = pl.ds(b * bsz, bsz)
-
-    def step(nt, acc):
-        rows_n = pl.ds(nt * tn, tn)
-        lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
-        dy = dy_ref[rows, rows_n]
-        return acc[0] + _dot(dy, lo, ((1,), (0,)), dtype), acc[1] + _dot(dy, hi, ((1,), (0,)), dtype)
-
-    zero = jnp.zeros((bsz, 16), jnp.float32)
+    def zeros(b, carry):
+        o_ref[pl.ds(b * bsz, bsz), rows_n] = jnp.zeros((bsz, tn), o_ref.dtype)
+        return carry
 
     @pl.when(valid)
     def _():
-        lo, hi = jax.lax.fori_loop(0, blocks_ref.shape[1] // tn, step, (zero, zero))
-        o_ref[0, rows, gi, :] = lo
-        o_ref[1, rows, gi, :] = hi
+        jax.lax.fori_loop(start, end, block, 0)
 
     @pl.when(jnp.logical_not(valid))
     def _():
+        jax.lax.fori_loop(start, end, zeros, 0)
+
+
+def _gpu_bwd_kernel(run_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
+    start, end, eid, valid = _gpu_run(run_ref, num_experts)
+    gi = pl.program_id(1)
+    zero = jnp.zeros((bsz, 16), jnp.float32)
+
+    def block(b, carry):
+        rows = pl.ds(b * bsz, bsz)
+
+        def step(nt, acc):
+            rows_n = pl.ds(nt * tn, tn)
+            lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
+            dy = dy_ref[rows, rows_n]
+            return acc[0] + _dot(dy, lo, ((1,), (0,)), dtype), acc[1] + _dot(dy, hi, ((1,), (0,)), dtype)
+
+        lo, hi = jax.lax.fori_loop(0, blocks_ref.shape[1] // tn, step, (zero, zero))
+        o_ref[0, rows, gi, :] = lo
+        o_ref[1, rows, gi, :] = hi
+        return carry
+
+    def zeros(b, carry):
+        rows = pl.ds(b * bsz, bsz)
         o_ref[0, rows, gi, :] = zero
         o_ref[1, rows, gi, :] = zero
+        return carry
+
+    @pl.when(valid)
+    def _():
+        jax.lax.fori_loop(start, end, block, 0)
+
+    @pl.when(jnp.logical_not(valid))
+    def _():
+        jax.lax.fori_loop(start, end, zeros, 0)
 
 
 def _gpu_tile(n: int) -> int:
@@ -337,24 +376,22 @@ def _gpu_tile(n: int) -> int:
 
 def _gpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows=None, bias=None,
               out_dtype=jnp.float32):
-    from jax.experimental.pallas import triton as pltr
-
     e, n, g, _ = blocks.shape
-    nb = block_expert.shape[0]
-    m = nb * bsz
+    runs = _expert_runs(block_expert, e)
+    m = block_expert.shape[0] * bsz
     tn = _gpu_tile(n)
     params = pltr.CompilerParams(num_warps=4, num_stages=2)
     if kind == "fwd":
         x = _planes(a.astype(dtype), 2).reshape(2, m, g, 16)
         kernel = functools.partial(_gpu_fwd_kernel, num_experts=e, bsz=bsz, tn=tn, dtype=dtype)
-        grid, out_shape = (nb, n // tn), jax.ShapeDtypeStruct((m, n), out_dtype)
+        grid, out_shape = (runs.shape[1], n // tn), jax.ShapeDtypeStruct((m, n), out_dtype)
     else:
         x = a.astype(dtype)
         kernel = functools.partial(_gpu_bwd_kernel, num_experts=e, bsz=bsz, tn=tn, dtype=dtype)
-        grid, out_shape = (nb, g), jax.ShapeDtypeStruct((2, m, g, 16), jnp.float32)
+        grid, out_shape = (runs.shape[1], g), jax.ShapeDtypeStruct((2, m, g, 16), jnp.float32)
     extra = () if bias is None else (bias,)
     out = pl.pallas_call(kernel, out_shape=out_shape, grid=grid, compiler_params=params, interpret=interpret,
-                         name=f"mxfp4_gmm_{kind}")(block_expert.astype(jnp.int32), x, blocks, scales, *extra)
+                         name=f"mxfp4_gmm_{kind}")(runs, x, blocks, scales, *extra)
     return out if kind == "fwd" else _unplanes(out.reshape(2, m, g * 16))
 
 
@@ -378,12 +415,8 @@ def _cpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
     del interpret, rows
     e, n, g, _ = blocks.shape
     nb = block_expert.shape[0]
-    be = block_expert.astype(jnp.int32)
-    real = be < e
-    first = real & jnp.concatenate([jnp.ones((1,), bool), be[1:] != be[:-1]])  # each expert's first block
-    starts = jnp.nonzero(first, size=min(e, nb), fill_value=nb)[0].astype(jnp.int32)
-    ends = jnp.searchsorted(be, be[jnp.minimum(starts, nb - 1)], side="right").astype(jnp.int32)
-    count = jnp.sum(first).astype(jnp.int32)
+    starts, ends, ids = _expert_runs(block_expert, e)
+    count = jnp.sum(ids < e).astype(jnp.int32)  # the real runs come first
     if kind == "fwd":
         planes = _planes(a.astype(dtype), 2).reshape(2, nb, bsz, g * 16)
         out = jnp.zeros((nb, bsz, n), out_dtype)
@@ -392,7 +425,7 @@ def _cpu_call(kind, a, blocks, scales, block_expert, bsz, dtype, interpret, rows
         out = jnp.zeros((2, nb, bsz, g * 16), jnp.float32)
 
     def expert(i, out):
-        eid = be[starts[i]]
+        eid = ids[i]
         lo, hi = _cpu_planes(blocks[eid], scales[eid], dtype)
 
         def block(b, out):
