@@ -161,8 +161,10 @@ def test_auto_keeps_blocked_path_on_a_mesh_and_aot_knows_the_impls():
 @pytest.mark.slow
 def test_model_chunked_prefill_through_the_kernel(tiny_model):
     """The tiny model with every layer on 'pallas' (the kernel in interpret mode; platform chosen by
-    XLA when lowering): a chunked prefill through the cache (ring + chunk for sliding layers, the cache
-    for full ones, padding in row 1) and a forward without a cache match the exact path."""
+    XLA when lowering, every branch traced: the TPU and GPU branches, which cannot tile the tiny heads, take
+    the blocked path): a chunked prefill through the cache (ring + chunk for sliding layers, the cache for
+    full ones, padding in row 1) and a forward without a cache match the exact path. Each call is one
+    jitted program (op by op, the interpreted kernel's grid dominated the suite)."""
     from flax import nnx
 
     from gptoss_jax.layers.attention import set_attention
@@ -173,15 +175,16 @@ def test_model_chunked_prefill_through_the_kernel(tiny_model):
     row1 = np.full(24, -1)
     row1[4:] = np.arange(20)
     pos = jnp.asarray(np.stack([np.arange(24), row1]), jnp.int32)
+    step = nnx.jit(lambda m, t, p, c: m(t, p, c))
 
     def run(impl):
         set_attention(model, impl)
         cache = model.init_cache(B, 32)
         outs = []
         for a, b in ((0, 10), (10, 24)):
-            logits, cache = model(tokens[:, a:b], pos[:, a:b], cache)
+            logits, cache = step(model, tokens[:, a:b], pos[:, a:b], cache)
             outs.append(logits)
-        full, _ = model(tokens, pos)
+        full, _ = step(model, tokens, pos, None)
         return jnp.concatenate(outs, axis=1), full
 
     want, want_full = run("xla")

@@ -337,11 +337,16 @@ def flash_attention(q, k, v, sinks, q_pos, k_pos, window: int, q_seg=None, k_seg
     k_pos [B,S], optional segment ids -> [B,T,nq,D] in q's dtype; differentiable (blocked backward).
 
     ``backend`` (``'tpu'`` / ``'gpu'``) and ``interpret`` default to :func:`kernel_choice`; when the
-    platform is not known while tracing, XLA picks the kernel when lowering (interpret mode on CPU)."""
+    platform is not known while tracing, XLA picks the kernel when lowering (interpret mode on CPU); a
+    compiled kernel that cannot take the heads (:func:`unsupported`) is then the blocked path instead,
+    since every platform's branch is traced."""
     if backend is None:
         choice = kernel_choice()
         if choice is None:
             def run(be, it):
+                if unsupported(be, q.shape[2], k.shape[1], q.shape[3], it):
+                    return lambda q, k, v, sinks, q_pos, k_pos, q_seg, k_seg: block_attention_kv_major(
+                        q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg, block_q=block_q, block_k=block_k)
                 return lambda q, k, v, sinks, q_pos, k_pos, q_seg, k_seg: _flash(
                     q, k, v, sinks, q_pos, k_pos, window, q_seg, k_seg, be, it, block_q, block_k)
             return gptoss_platform.dependent(q, k, v, sinks, q_pos, k_pos, q_seg, k_seg, tpu=run(TPU, False),
