@@ -293,19 +293,26 @@ def _expert_runs(block_expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.stack([starts, ends, ids])
 
 
-def _gpu_run(run_ref, num_experts):
-    """This program's run of blocks: (first block, end, expert id clipped to a real one, whether it is real)."""
+def _gpu_over_run(run_ref, num_experts, block, zeros):
+    """Over this program's run of blocks (row 0 of the grid indexes the runs): ``block(b, expert)`` for each
+    block b of a real expert's run, ``zeros(b)`` for each block of the padding run."""
     r = pl.program_id(0)
-    eid = run_ref[2, r]
-    return run_ref[0, r], run_ref[1, r], jnp.minimum(eid, num_experts - 1), eid < num_experts
+    start, end, eid = run_ref[0, r], run_ref[1, r], run_ref[2, r]
+
+    @pl.when(eid < num_experts)
+    def _():
+        jax.lax.fori_loop(start, end, lambda b, c: (block(b, jnp.minimum(eid, num_experts - 1)), c)[1], 0)
+
+    @pl.when(eid >= num_experts)
+    def _():
+        jax.lax.fori_loop(start, end, lambda b, c: (zeros(b), c)[1], 0)
 
 
 def _gpu_fwd_kernel(run_ref, x_ref, blocks_ref, scales_ref, *refs, num_experts, bsz, tn, dtype):
     *b_ref, o_ref = refs  # b_ref: [bias [E, N]] or []
-    start, end, eid, valid = _gpu_run(run_ref, num_experts)
     rows_n = pl.ds(pl.program_id(1) * tn, tn)
 
-    def block(b, carry):
+    def block(b, eid):
         rows = pl.ds(b * bsz, bsz)
 
         def step(gi, acc):
@@ -317,53 +324,31 @@ def _gpu_fwd_kernel(run_ref, x_ref, blocks_ref, scales_ref, *refs, num_experts, 
         if b_ref:
             acc += b_ref[0][eid, rows_n].astype(jnp.float32)[None, :]
         o_ref[rows, rows_n] = acc.astype(o_ref.dtype)
-        return carry
 
-    def zeros(b, carry):
+    def zeros(b):
         o_ref[pl.ds(b * bsz, bsz), rows_n] = jnp.zeros((bsz, tn), o_ref.dtype)
-        return carry
 
-    @pl.when(valid)
-    def _():
-        jax.lax.fori_loop(start, end, block, 0)
-
-    @pl.when(jnp.logical_not(valid))
-    def _():
-        jax.lax.fori_loop(start, end, zeros, 0)
+    _gpu_over_run(run_ref, num_experts, block, zeros)
 
 
 def _gpu_bwd_kernel(run_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
-    start, end, eid, valid = _gpu_run(run_ref, num_experts)
     gi = pl.program_id(1)
     zero = jnp.zeros((bsz, 16), jnp.float32)
 
-    def block(b, carry):
-        rows = pl.ds(b * bsz, bsz)
+    def write(b, lo, hi):
+        o_ref[0, pl.ds(b * bsz, bsz), gi, :] = lo
+        o_ref[1, pl.ds(b * bsz, bsz), gi, :] = hi
 
+    def block(b, eid):
         def step(nt, acc):
             rows_n = pl.ds(nt * tn, tn)
             lo, hi = _gpu_group(blocks_ref, scales_ref, eid, rows_n, gi, dtype)
-            dy = dy_ref[rows, rows_n]
+            dy = dy_ref[pl.ds(b * bsz, bsz), rows_n]
             return acc[0] + _dot(dy, lo, ((1,), (0,)), dtype), acc[1] + _dot(dy, hi, ((1,), (0,)), dtype)
 
-        lo, hi = jax.lax.fori_loop(0, blocks_ref.shape[1] // tn, step, (zero, zero))
-        o_ref[0, rows, gi, :] = lo
-        o_ref[1, rows, gi, :] = hi
-        return carry
+        write(b, *jax.lax.fori_loop(0, blocks_ref.shape[1] // tn, step, (zero, zero)))
 
-    def zeros(b, carry):
-        rows = pl.ds(b * bsz, bsz)
-        o_ref[0, rows, gi, :] = zero
-        o_ref[1, rows, gi, :] = zero
-        return carry
-
-    @pl.when(valid)
-    def _():
-        jax.lax.fori_loop(start, end, block, 0)
-
-    @pl.when(jnp.logical_not(valid))
-    def _():
-        jax.lax.fori_loop(start, end, zeros, 0)
+    _gpu_over_run(run_ref, num_experts, block, lambda b: write(b, zero, zero))
 
 
 def _gpu_tile(n: int) -> int:
