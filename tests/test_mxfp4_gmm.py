@@ -134,8 +134,8 @@ def test_tpu_layout_experts_equal_the_checkpoint_layout(path, kernel):
 @pytest.mark.parametrize("backend", [mxfp4_gmm.CPU, mxfp4_gmm.GPU])
 @pytest.mark.parametrize("block_expert", [[3, 3, 3], [1, 1, 1, 3], [0, 1, 2], [0, 0, 2, 2, 2, 3, 3]])
 def test_kernel_runs_visit_every_real_block_and_zero_the_padding(backend, block_expert):
-    """The CPU loops and the GPU programs go over runs of blocks of one expert (one GPU program per run and
-    N tile, or K group, looping over the run's blocks): no real block at all, one expert over every real
+    """The CPU loops and the GPU programs go over runs of blocks of one expert (one GPU program per expert
+    and N tile, or K group, looping over its blocks): no real block at all, one expert over every real
     block, one block per expert, and runs of 2 and 3 blocks then 2 padding blocks, against the exact
     products; padding blocks are zero (the GPU interpreter starts its output buffer as NaN)."""
     rng = np.random.default_rng(6)
@@ -150,11 +150,11 @@ def test_kernel_runs_visit_every_real_block_and_zero_the_padding(backend, block_
         assert np.all(ours[np.repeat(np.asarray(block_expert) >= E, BSZ)] == 0)
 
 
-def test_expert_runs():
-    runs = mxfp4_gmm._expert_runs(jnp.asarray([0, 0, 2, 2, 2, 3, 3], jnp.int32), 3)
-    np.testing.assert_array_equal(np.asarray(runs), [[0, 2, 5, 7], [2, 5, 7, 7], [0, 2, 3, 3]])
-    runs = mxfp4_gmm._expert_runs(jnp.asarray([1, 7], jnp.int32), 3)  # ids past E: padding; S = min(E + 1, nb)
-    np.testing.assert_array_equal(np.asarray(runs), [[0, 1], [1, 2], [1, 3]])
+def test_expert_spans():
+    spans = mxfp4_gmm._expert_spans(jnp.asarray([0, 0, 2, 2, 2, 3, 3], jnp.int32), 3)
+    np.testing.assert_array_equal(np.asarray(spans), [[0, 2, 2, 5], [2, 2, 5, 7]])  # expert 1 empty
+    spans = mxfp4_gmm._expert_spans(jnp.asarray([1, 7], jnp.int32), 3)  # ids past E: padding
+    np.testing.assert_array_equal(np.asarray(spans), [[0, 0, 1, 1], [0, 1, 1, 2]])
 
 
 def test_kernel_rejects_mismatched_rows():
