@@ -6,8 +6,8 @@ with a fixed seed, as the compile cannot see the router):
 - weight bytes per call of both projections read from HBM, from the kernels' schedules, against
   distinct selected experts x packed expert size. TPU: the block axis is innermost and a weight block
   whose index does not change is not fetched again, so each selected expert is fetched once, in HBM
-  tiles that pad lanes to 128. GPU: one program per (run of one expert's row blocks, N tile) streams
-  the tile's stripe (tn x K/2 bytes + scales: 98 KB for the 20b) from HBM for the run's first block and
+  tiles that pad lanes to 128. GPU: one program per (expert, N tile) loops over the expert's row blocks and
+  streams the tile's stripe (tn x K/2 bytes + scales: 98 KB for the 20b) from HBM for the first block and
   loads it again for each further block, from L2 (the stripe is loaded 'evict_last'; the stripes of
   all programs resident at once, 132 SMs x a few, fit the 50 MB L2), so it counts once. The next
   column counts every load of the GPU's stripes, L2 hits included (the figure before stop 24);
