@@ -54,13 +54,13 @@ def _device(target: str):
     return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=cfg).devices[0]
 
 
-def _weight_bytes(ids: np.ndarray, e: int, expert_bytes: int, backend: str) -> tuple[int, int, int]:
-    """(bytes the kernels read from HBM of both projections' weights, bytes they load (GPU: L2 hits
-    included; TPU: the same), distinct experts x expert bytes)."""
+def _weight_bytes(ids: np.ndarray, e: int, expert_bytes: int, backend: str) -> tuple[int, int]:
+    """(bytes the kernels load of both projections' weights (GPU: L2 hits included), distinct experts x
+    expert bytes: what both kernels read from HBM, before the TPU's tile padding)."""
     groups = np.bincount(ids.reshape(-1), minlength=e)
     distinct = int((groups > 0).sum())
     loads = distinct if backend == mxfp4_gmm.TPU else int(np.sum(-(-groups // _block_size(ids.size, e, 16))))
-    return distinct * expert_bytes, loads * expert_bytes, distinct * expert_bytes
+    return loads * expert_bytes, distinct * expert_bytes
 
 
 def _dense_copies(hlo: str, shapes: list[tuple[int, int]]) -> list[str]:
@@ -123,8 +123,8 @@ def main(argv=None):
                            spec((tokens, k), jnp.bfloat16), experts).compile()
         hlo = compiled.as_text()
         assert "mxfp4_gmm_fwd" in hlo, "the kernel is not in the compiled program"
-        reads, loads, ideal = _weight_bytes(ids, e, expert_bytes, backend)
-        reads, loads = int(reads * pad), int(loads * pad)
+        loads, ideal = _weight_bytes(ids, e, expert_bytes, backend)
+        reads, loads = int(ideal * pad), int(loads * pad)
         copies = _dense_copies(hlo, [(2 * i, h), (h, i)])
         cost = compiled.cost_analysis() if backend == mxfp4_gmm.TPU else None
         accessed = f"{cost['bytes accessed'] / 2**20:.0f} MiB" if cost else "n/a"

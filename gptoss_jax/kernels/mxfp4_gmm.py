@@ -292,7 +292,7 @@ def _expert_spans(block_expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.stack([ends - counts, ends])
 
 
-def _gpu_over_run(span_ref, num_experts, block, zeros):
+def _gpu_expert_blocks(span_ref, num_experts, block, zeros):
     """Over the blocks of this program's expert (axis 0 of the grid: the experts, then the padding):
     ``block(b, expert)`` for each block b of a real expert, ``zeros(b)`` for each padding block."""
     eid = pl.program_id(0)
@@ -300,7 +300,7 @@ def _gpu_over_run(span_ref, num_experts, block, zeros):
 
     @pl.when(eid < num_experts)
     def _():
-        jax.lax.fori_loop(start, end, lambda b, c: (block(b, jnp.minimum(eid, num_experts - 1)), c)[1], 0)
+        jax.lax.fori_loop(start, end, lambda b, c: (block(b, eid), c)[1], 0)
 
     @pl.when(eid >= num_experts)
     def _():
@@ -327,7 +327,7 @@ def _gpu_fwd_kernel(span_ref, x_ref, blocks_ref, scales_ref, *refs, num_experts,
     def zeros(b):
         o_ref[pl.ds(b * bsz, bsz), rows_n] = jnp.zeros((bsz, tn), o_ref.dtype)
 
-    _gpu_over_run(span_ref, num_experts, block, zeros)
+    _gpu_expert_blocks(span_ref, num_experts, block, zeros)
 
 
 def _gpu_bwd_kernel(span_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_experts, bsz, tn, dtype):
@@ -347,7 +347,7 @@ def _gpu_bwd_kernel(span_ref, dy_ref, blocks_ref, scales_ref, o_ref, *, num_expe
 
         write(b, *jax.lax.fori_loop(0, blocks_ref.shape[1] // tn, step, (zero, zero)))
 
-    _gpu_over_run(span_ref, num_experts, block, lambda b: write(b, zero, zero))
+    _gpu_expert_blocks(span_ref, num_experts, block, lambda b: write(b, zero, zero))
 
 
 def _gpu_tile(n: int) -> int:
